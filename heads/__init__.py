@@ -1,0 +1,1 @@
+"""The built-in heads; each registers in the ``headzoo.heads`` entry-point group."""

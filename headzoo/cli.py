@@ -1,0 +1,127 @@
+"""The ``headzoo`` command line (typer + rich)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from headzoo.errors import HeadzooError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Segmentation heads for thousands of classes, side by side on one nnU-Net backbone.")
+console = Console()
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON where it parses (numbers, true/false, null), else a string."""
+    if "=" not in text:
+        raise HeadzooError(f"--option expects KEY=VALUE, got '{text}'")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, {"True": True, "False": False, "None": None}.get(value, value)
+
+
+def parse_patch(text: Optional[str]) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        edges = tuple(int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise HeadzooError(f"--patch expects N or NxNxN, got '{text}'") from None
+    edges = edges * 3 if len(edges) == 1 else edges
+    if len(edges) != 3 or min(edges) < 1:
+        raise HeadzooError(f"--patch expects N or NxNxN with positive edges, got '{text}'")
+    return edges
+
+
+def parse_bytes(text: Optional[str]) -> int | None:
+    """'16GiB', '512MiB', '2GB' or a plain number of bytes."""
+    if text is None:
+        return None
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1, "": 1}
+    number = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(number):].lower()
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise HeadzooError(f"cannot read '{text}' as a memory size (e.g. 16GiB)") from None
+
+
+@app.command()
+def heads() -> None:
+    """List the registered heads: name, distribution, description (or why a plug-in is broken)."""
+    from headzoo.registry import describe, discover
+    table = Table("head", "distribution", "description")
+    for name, entry in sorted(discover().items()):
+        try:
+            table.add_row(name, entry.distribution, describe(entry.load()))
+        except HeadzooError as error:
+            table.add_row(name, entry.distribution, f"[red]broken[/red]: {error}")
+    console.print(table)
+
+
+@app.command()
+def toy(classes: int = typer.Option(..., help="number of labels C, background included"),
+        preset: str = typer.Option("small", help="small (CPU minutes), paper (§2.4: 192³, 1000 volumes) or tiny"),
+        out: Path = typer.Option(..., help="folder to create, in nnU-Net raw format"),
+        seed: int = typer.Option(0)) -> None:
+    """Write the toy dataset of the chunked-basis-head paper (§2.4) in nnU-Net raw format."""
+    from headzoo.toy import write_toy_dataset
+    write_toy_dataset(out, classes, preset, seed)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def run(head: str = typer.Option(..., help="a registered head (see `headzoo heads`)"),
+        classes: Optional[int] = typer.Option(100, help="number of labels C, background included"),
+        steps: int = typer.Option(60, help="training steps (3 warm-up, 1 memory, the rest timed)"),
+        patch: Optional[str] = typer.Option(None, help="N or NxNxN; default: the backbone's"),
+        batch: int = typer.Option(2),
+        backbone: str = typer.Option("small", help="small (CPU), resenc-m or resenc-l"),
+        device: str = typer.Option("auto", help="auto, cpu or cuda"),
+        seed: int = typer.Option(0),
+        preset: str = typer.Option("small", help="toy preset when --dataset is not given"),
+        dataset: Optional[Path] = typer.Option(None, help="an nnU-Net raw dataset folder instead of the toy"),
+        memory_limit: Optional[str] = typer.Option(None, help="memory budget for this run, e.g. 16GiB"),
+        out: Path = typer.Option(Path("results.jsonl"), help="results file (JSON lines)"),
+        as_json: bool = typer.Option(False, "--json", help="print the record as JSON"),
+        option: list[str] = typer.Option([], help="head option KEY=VALUE (repeatable)")) -> None:
+    """Train one head, evaluate it, print Dice / peak memory / step time and record the run."""
+    from headzoo.budget import apply_memory_limit
+    from headzoo.report import print_record
+    from headzoo.results import ensure_writable, upsert_record
+    from headzoo.runner import RunConfig, run as run_head
+    config = RunConfig(head=head, classes=classes, steps=steps, patch=parse_patch(patch), batch=batch,
+                       backbone=backbone, device=device, seed=seed, preset=preset, dataset=dataset,
+                       options=dict(parse_option(o) for o in option))
+    ensure_writable(out)
+    apply_memory_limit(parse_bytes(memory_limit), device)
+    record = run_head(config, show_progress=not as_json)
+    upsert_record(out, record)
+    if as_json:
+        print(json.dumps(record, sort_keys=True))
+    else:
+        print_record(record, console)
+    if record["status"] != "ok":
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: bad input becomes one line on stderr and exit status 2 (HEADZOO_DEBUG=1 for the traceback)."""
+    try:
+        app()
+    except HeadzooError as error:
+        if os.environ.get("HEADZOO_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"headzoo: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,276 @@
+"""One data pipeline for every head, through nnU-Net itself.
+
+nnU-Net's fingerprint and ResEnc planner run once per dataset; the plan is then **frozen**: every
+C-dependent choice (patch, batch, topology) is replaced by headzoo's fixed values, one configuration
+per backbone, so every head and class count trains on the same plan. nnU-Net's preprocessor writes
+the training cases; nnU-Net's ``nnUNetDataLoader`` and training transforms (no mirroring, as the
+paper) make the batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from headzoo.backbone import BACKBONES
+from headzoo.errors import HeadzooError
+from headzoo.paths import cache_root, nnunet_preprocessed, nnunet_raw
+from headzoo.progress import progress_bar
+from headzoo.toy import get_preset, write_toy_dataset
+
+PLANS_NAME = "headzooPlans"
+READY_MARKER = "headzoo_ready.json"
+DATA_CONFIGURATION = "3d_fullres"
+NUM_PROCESSES = 2
+
+
+def configuration_name(backbone: str) -> str:
+    return f"headzoo_{backbone}"
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    name: str
+    plans: dict
+    dataset_json: dict
+
+    @property
+    def raw(self) -> Path:
+        return nnunet_raw() / self.name
+
+    @property
+    def preprocessed(self) -> Path:
+        return nnunet_preprocessed() / self.name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_manager.foreground_labels) + 1
+
+    @property
+    def plans_manager(self):
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        return PlansManager(self.plans)
+
+    @property
+    def label_manager(self):
+        return self.plans_manager.get_label_manager(self.dataset_json)
+
+    def configuration(self, backbone: str):
+        return self.plans_manager.get_configuration(configuration_name(backbone))
+
+    def volume_shape(self) -> tuple[int, ...]:
+        """The smallest training volume's shape after preprocessing."""
+        shapes = [json.loads((self.preprocessed / "shapes.json").read_text())[k] for k in self.train_identifiers()]
+        return tuple(int(s) for s in np.min(np.array(shapes), axis=0))
+
+    def train_identifiers(self) -> list[str]:
+        return sorted(json.loads((self.preprocessed / "shapes.json").read_text()))
+
+
+def _dataset_id(key: str) -> int:
+    return 10000 + int(hashlib.sha1(key.encode()).hexdigest(), 16) % 90000
+
+
+@contextlib.contextmanager
+def _lock(name: str):
+    """Serialise preparation of one dataset across processes (a sweep runs cells side by side)."""
+    path = cache_root() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def frozen_plans(plans: dict) -> dict:
+    """nnU-Net's plan with every C-dependent choice replaced by headzoo's fixed values."""
+    fullres = plans["configurations"][DATA_CONFIGURATION]
+    configurations = {DATA_CONFIGURATION: fullres}
+    for backbone, (architecture, patch) in BACKBONES.items():
+        configurations[configuration_name(backbone)] = {
+            "inherits_from": DATA_CONFIGURATION, "patch_size": [patch] * 3, "batch_size": 2,
+            "architecture": architecture,
+        }
+    return {**plans, "plans_name": PLANS_NAME, "configurations": configurations}
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _quietly():
+    """nnU-Net prints its progress to stdout; keep it in the cache's log instead."""
+    log = cache_root() / "nnunet.log"
+    return contextlib.redirect_stdout(open(log, "a"))
+
+
+def _plan_and_preprocess(name: str) -> None:
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import \
+        nnUNetPlannerResEncM
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    out = nnunet_preprocessed() / name
+    shutil.rmtree(out, ignore_errors=True)
+    with _quietly():
+        extractor = DatasetFingerprintExtractor(name, NUM_PROCESSES)
+        extractor.show_progress_bar = False
+        extractor.run()
+        planner = nnUNetPlannerResEncM(name)
+        with _environment(nnUNet_n_proc_DA=str(NUM_PROCESSES)):  # the planner sets torch's threads from it
+            planner.plan_experiment()
+    plans = json.loads((out / f"{planner.plans_identifier}.json").read_text())
+    plans = frozen_plans(plans)
+    (out / f"{PLANS_NAME}.json").write_text(json.dumps(plans, indent=1))
+    shutil.copy(nnunet_raw() / name / "dataset.json", out / "dataset.json")
+
+    plans_manager = PlansManager(plans)
+    configuration = plans_manager.get_configuration(DATA_CONFIGURATION)
+    dataset_json = json.loads((out / "dataset.json").read_text())
+    cases = get_filenames_of_train_images_and_targets(str(nnunet_raw() / name), dataset_json)
+    target = out / configuration.data_identifier
+    target.mkdir(parents=True, exist_ok=True)
+    preprocessor = DefaultPreprocessor(verbose=False)
+    shapes = {}
+    with progress_bar() as bar, _quietly():
+        task = bar.add_task("nnU-Net preprocessing", total=len(cases))
+        for key, files in cases.items():
+            preprocessor.run_case_save(str(target / key), files["images"], files["label"], plans_manager,
+                                       configuration, dataset_json)
+            shapes[key] = list(_load_case(target, key)[0].shape[1:])
+            bar.advance(task)
+    (out / "shapes.json").write_text(json.dumps(shapes))
+    (out / READY_MARKER).write_text(json.dumps({"cases": len(cases)}))
+
+
+def _load_case(folder: Path, key: str):
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    return infer_dataset_class(str(folder))(str(folder), [key]).load_case(key)
+
+
+def _load_prepared(name: str) -> PreparedDataset:
+    out = nnunet_preprocessed() / name
+    return PreparedDataset(name, json.loads((out / f"{PLANS_NAME}.json").read_text()),
+                           json.loads((out / "dataset.json").read_text()))
+
+
+def _ensure_preprocessed(name: str) -> PreparedDataset:
+    if not (nnunet_preprocessed() / name / READY_MARKER).is_file():
+        _plan_and_preprocess(name)
+    return _load_prepared(name)
+
+
+def prepare_toy(preset: str, classes: int, seed: int) -> PreparedDataset:
+    """The toy dataset for (preset, classes, seed), generated and preprocessed once, then cached."""
+    get_preset(preset)
+    key = f"toy-{preset}-C{classes}-s{seed}"
+    name = f"Dataset{_dataset_id(key)}_HeadzooToy_{preset}_C{classes}_s{seed}"
+    with _lock(name):
+        if not (nnunet_raw() / name / "dataset.json").is_file():
+            shutil.rmtree(nnunet_raw() / name, ignore_errors=True)
+            write_toy_dataset(nnunet_raw() / name, classes, preset, seed)
+        return _ensure_preprocessed(name)
+
+
+def validate_raw_dataset(folder: Path) -> dict:
+    """The dataset.json of an nnU-Net raw dataset folder, or a one-line error saying what is wrong."""
+    if not folder.is_dir():
+        raise HeadzooError(f"dataset folder {folder} does not exist")
+    try:
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+    except (OSError, ValueError) as error:
+        raise HeadzooError(f"{folder} is not an nnU-Net raw dataset: dataset.json unreadable ({error})") from error
+    missing = [k for k in ("labels", "channel_names", "file_ending", "numTraining") if k not in dataset_json]
+    if missing:
+        raise HeadzooError(f"{folder}/dataset.json lacks {', '.join(missing)}: not an nnU-Net raw dataset")
+    ending = dataset_json["file_ending"]
+    for split in ("Tr", "Ts"):
+        images = sorted((folder / f"images{split}").glob(f"*_0000{ending}"))
+        labels = sorted((folder / f"labels{split}").glob(f"*{ending}"))
+        if not images or len(images) != len(labels):
+            raise HeadzooError(f"{folder}: images{split}/ and labels{split}/ must hold matching cases "
+                               f"({len(images)} images, {len(labels)} labels)")
+    return dataset_json
+
+
+def prepare_folder(folder: Path) -> PreparedDataset:
+    """A dataset already in nnU-Net raw format (e.g. from `headzoo toy --out`), linked into the cache."""
+    folder = Path(folder).resolve()
+    validate_raw_dataset(folder)
+    name = f"Dataset{_dataset_id(str(folder))}_{''.join(c if c.isalnum() else '_' for c in folder.name)}"
+    with _lock(name):
+        link = nnunet_raw() / name
+        if not link.exists():
+            link.symlink_to(folder, target_is_directory=True)
+        try:
+            return _ensure_preprocessed(name)
+        except HeadzooError:
+            raise
+        except Exception as error:
+            raise HeadzooError(f"nnU-Net could not preprocess {folder}: {type(error).__name__}: {error}") from error
+
+
+def training_loader(prepared: PreparedDataset, patch: tuple[int, ...], batch: int, seed: int,
+                    sampling_probabilities: np.ndarray | None = None):
+    """nnU-Net's data loader with nnU-Net's training transforms, built as nnUNetTrainer builds them."""
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    folder = str(prepared.preprocessed / prepared.plans_manager.get_configuration(DATA_CONFIGURATION).data_identifier)
+    dataset = infer_dataset_class(folder)(folder, prepared.train_identifiers())
+    rotation = (-30.0 / 360 * 2 * np.pi, 30.0 / 360 * 2 * np.pi)  # nnU-Net's 3D default
+    initial_patch = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
+    transforms = nnUNetTrainer.get_training_transforms(
+        patch, rotation, None, None, False,  # no deep supervision, no mirroring (as the paper), no dummy 2D
+        ignore_label=prepared.label_manager.ignore_label)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    loader = nnUNetDataLoader(dataset, batch, initial_patch, patch, prepared.label_manager,
+                              oversample_foreground_percent=0.33, sampling_probabilities=sampling_probabilities,
+                              transforms=transforms)
+    loader.rs = np.random.RandomState(seed)
+    return loader
+
+
+def test_cases(prepared: PreparedDataset) -> Iterator[tuple[str, torch.Tensor, np.ndarray]]:
+    """Held-out cases preprocessed by nnU-Net as its predictor does: (key, image (c, *shape), labels (*shape))."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    ending = prepared.dataset_json["file_ending"]
+    preprocessor = DefaultPreprocessor(verbose=False)
+    configuration = prepared.plans_manager.get_configuration(DATA_CONFIGURATION)
+    for label_file in sorted((prepared.raw / "labelsTs").glob(f"*{ending}")):
+        key = label_file.name[: -len(ending)]
+        images = sorted(str(p) for p in (prepared.raw / "imagesTs").glob(f"{key}_[0-9][0-9][0-9][0-9]{ending}"))
+        with _quietly():
+            data, seg, _ = preprocessor.run_case(images, str(label_file), prepared.plans_manager, configuration,
+                                                 prepared.dataset_json)
+        yield key, torch.from_numpy(data).float(), seg[0].astype(np.int64)
+
+
+def count_test_cases(prepared: PreparedDataset) -> int:
+    return len(list((prepared.raw / "labelsTs").glob(f"*{prepared.dataset_json['file_ending']}")))

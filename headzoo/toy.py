@@ -1,0 +1,173 @@
+"""The toy dataset of chunked-basis-head-midl2026.md §2.4, written in nnU-Net's raw format.
+
+C−1 foreground shapes (label 0 is background), each a union of 2–4 random primitives in a
+box, eroded while it covers more than 60% of the box, then opened and closed. Volume g holds
+the classes 1 + (g + k·step) mod (C−1), k < N_objects, placed greedily without overlap; object
+voxels are drawn from N(μ_c, σ_c), the background is noise. Everything derives from one seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from headzoo.errors import HeadzooError
+from headzoo.progress import progress_bar
+
+COVERAGE_LIMIT = 0.6
+
+
+@dataclass(frozen=True)
+class ToyPreset:
+    volume: int          # edge of the cubic volume, voxels
+    box: int             # edge of the cubic box a shape lives in
+    objects: int         # objects per volume (at most C−1)
+    volumes: int         # volumes in all
+    train: int           # the first `train` volumes are training cases, the rest test cases
+
+
+PRESETS: dict[str, ToyPreset] = {
+    "paper": ToyPreset(volume=192, box=30, objects=100, volumes=1000, train=900),
+    # Small enough for `headzoo run --classes 1000` in minutes on 2 CPU cores, while every class
+    # occurs in training: with 16 objects the class step is (C−1)//16 ≤ 62 ≤ 72 training volumes.
+    "small": ToyPreset(volume=48, box=12, objects=16, volumes=80, train=72),
+    # For tests: seconds to generate and preprocess.
+    "tiny": ToyPreset(volume=32, box=10, objects=6, volumes=12, train=10),
+}
+
+
+def get_preset(name: str) -> ToyPreset:
+    if name not in PRESETS:
+        raise HeadzooError(f"unknown toy preset '{name}' (choose from {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def perlin_noise(size: int, cells: int, rng: np.random.Generator) -> np.ndarray:
+    """3D Perlin gradient noise on a size³ grid with `cells` lattice cells per axis, in about [−1, 1]."""
+    gradients = rng.normal(size=(cells + 1, cells + 1, cells + 1, 3))
+    gradients /= np.linalg.norm(gradients, axis=-1, keepdims=True)
+    coords = np.stack(np.meshgrid(*[np.linspace(0, cells, size, endpoint=False)] * 3, indexing="ij"), -1)
+    cell = np.floor(coords).astype(int)
+    frac = coords - cell
+    fade = frac ** 3 * (frac * (frac * 6 - 15) + 10)
+    noise = np.zeros((size,) * 3)
+    for corner in np.ndindex(2, 2, 2):
+        offset = np.array(corner)
+        g = gradients[cell[..., 0] + offset[0], cell[..., 1] + offset[1], cell[..., 2] + offset[2]]
+        dot = np.sum(g * (frac - offset), axis=-1)
+        weight = np.prod(np.where(offset == 1, fade, 1 - fade), axis=-1)
+        noise += weight * dot
+    return noise
+
+
+def _primitive(box: int, rng: np.random.Generator) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(box) + 0.5] * 3, indexing="ij"), -1)
+    kind = rng.integers(3)
+    if kind == 2:
+        noise = perlin_noise(box, int(rng.integers(2, 4)), rng)
+        return noise > np.quantile(noise, rng.uniform(0.6, 0.85))
+    center = rng.uniform(0.3, 0.7, 3) * box
+    radii = rng.uniform(0.15, 0.4, 3) * box
+    exponent = 2.0 if kind == 0 else rng.uniform(0.6, 4.0)  # ellipsoid or superellipsoid
+    return np.sum(np.abs((grid - center) / radii) ** exponent, axis=-1) <= 1.0
+
+
+def make_shape(box: int, rng: np.random.Generator) -> np.ndarray:
+    """One class's binary shape in a box³ grid, never empty."""
+    while True:
+        shape = np.zeros((box,) * 3, bool)
+        for _ in range(rng.integers(2, 5)):
+            shape |= _primitive(box, rng)
+        while shape.mean() > COVERAGE_LIMIT:
+            shape = ndimage.binary_erosion(shape)
+        shape = ndimage.binary_closing(ndimage.binary_opening(shape))
+        if shape.sum() >= 8:
+            return shape
+
+
+def volume_classes(g: int, num_classes: int, objects: int) -> list[int]:
+    """Labels of volume g: 1 + (g + k·step) mod (C−1), an arithmetic progression over the C−1 shapes."""
+    shapes = num_classes - 1
+    n = min(objects, shapes)
+    step = max(1, shapes // n)
+    return [1 + (g + k * step) % shapes for k in range(n)]
+
+
+def make_volume(g: int, shapes: list[np.ndarray], intensity: np.ndarray, preset: ToyPreset,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+    """Image, label map and the number of objects that found no free place."""
+    label = np.zeros((preset.volume,) * 3, np.uint16)
+    unplaced = 0
+    for c in volume_classes(g, len(shapes) + 1, preset.objects):
+        shape = shapes[c - 1]
+        for _ in range(200):  # greedy: first random position that overlaps nothing placed so far
+            x, y, z = rng.integers(0, preset.volume - preset.box + 1, 3)
+            region = label[x:x + preset.box, y:y + preset.box, z:z + preset.box]
+            if not region[shape].any():
+                region[shape] = c
+                break
+        else:
+            unplaced += 1
+    image = rng.normal(0.0, 20.0, label.shape)  # background noise
+    mean, std = intensity[label, 0], intensity[label, 1]
+    image = np.where(label > 0, mean + std * rng.standard_normal(label.shape), image)
+    return image.astype(np.float32), label, unplaced
+
+
+def _write_nifti(array: np.ndarray, path: Path) -> None:
+    import SimpleITK as sitk
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+
+
+def write_toy_dataset(out: Path, num_classes: int, preset_name: str = "small", seed: int = 0) -> Path:
+    """Write the toy dataset in nnU-Net raw format to `out`, atomically (temp folder, then rename)."""
+    if num_classes < 2:
+        raise HeadzooError(f"--classes must be at least 2, got {num_classes}")
+    preset = get_preset(preset_name)
+    out = Path(out)
+    if out.exists():
+        raise HeadzooError(f"{out} already exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    staging = Path(tempfile.mkdtemp(prefix=".toy-", dir=out.parent))
+    try:
+        for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            (staging / folder).mkdir()
+        with progress_bar() as bar:
+            task = bar.add_task(f"toy shapes (C={num_classes})", total=num_classes - 1)
+            shapes = []
+            for _ in range(num_classes - 1):
+                shapes.append(make_shape(preset.box, rng))
+                bar.advance(task)
+            intensity = np.zeros((num_classes, 2))
+            intensity[1:, 0] = rng.uniform(100.0, 1000.0, num_classes - 1)
+            intensity[1:, 1] = rng.uniform(5.0, 50.0, num_classes - 1)
+            unplaced = 0
+            task = bar.add_task("toy volumes", total=preset.volumes)
+            for g in range(preset.volumes):
+                image, label, missed = make_volume(g, shapes, intensity, preset, rng)
+                unplaced += missed
+                split = "Tr" if g < preset.train else "Ts"
+                _write_nifti(image, staging / f"images{split}" / f"toy_{g:04d}_0000.nii.gz")
+                _write_nifti(label, staging / f"labels{split}" / f"toy_{g:04d}.nii.gz")
+                bar.advance(task)
+        dataset = {
+            "channel_names": {"0": "toy"},
+            "labels": {"background": 0, **{f"class_{c:04d}": c for c in range(1, num_classes)}},
+            "numTraining": preset.train,
+            "file_ending": ".nii.gz",
+            "headzoo": {"preset": preset_name, **asdict(preset), "classes": num_classes, "seed": seed,
+                        "unplaced_objects": unplaced},
+        }
+        (staging / "dataset.json").write_text(json.dumps(dataset, indent=1))
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,208 @@
+"""``chunked``: a low-rank basis head with an exact chunked softmax CE + Dice loss.
+
+chunked-basis-head-midl2026.md §2.2–2.3: a 1×1×1 conv maps features to R basis maps B and a
+learnable operator E (R × C) gives the logits of any class range as Eᵀ·B. The loss streams over
+class chunks and keeps only per-voxel and per-class vectors, never a b×C×S tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from headzoo.errors import HeadzooError
+from headzoo.head import Head
+
+
+def _chunks(num_classes: int, chunk: int):
+    for start in range(0, num_classes, chunk):
+        yield start, min(start + chunk, num_classes)
+
+
+def _flatten_basis(basis: Tensor) -> Tensor:
+    """(b, R, *spatial) → (R, b·S): one copy, so every chunk's logits are a single 2-D matmul."""
+    b, rank = basis.shape[:2]
+    return basis.detach().reshape(b, rank, -1).transpose(0, 1).reshape(rank, -1)
+
+
+def _probabilities(operator: Tensor, x: Tensor, start: int, stop: int, lse: Tensor) -> Tensor:
+    """Softmax probabilities of classes [start, stop) for every voxel, (k, N), computed in place."""
+    return torch.mm(operator[:, start:stop].T, x).sub_(lse).exp_()
+
+
+def chunked_argmax(basis: Tensor, operator: Tensor, chunk: int) -> Tensor:
+    """argmax_c (Eᵀ·B)_c per voxel, by a running (value, index) over class chunks: O(R + chunk) per voxel."""
+    x = _flatten_basis(basis).to(operator.dtype)
+    best_value = torch.full((x.shape[1],), -math.inf, device=x.device, dtype=x.dtype)
+    best_index = torch.zeros(x.shape[1], device=x.device, dtype=torch.long)
+    for start, stop in _chunks(operator.shape[1], chunk):
+        value, index = torch.mm(operator[:, start:stop].T, x).max(0)
+        better = value > best_value
+        best_value = torch.where(better, value, best_value)
+        best_index = torch.where(better, index + start, best_index)
+    b = basis.shape[0]
+    return best_index.view(b, *basis.shape[2:])
+
+
+class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
+    """nnU-Net's DC_and_CE_loss (MemoryEfficientSoftDiceLoss, mean CE) on logits Eᵀ·B, streamed over class chunks.
+
+    Forward: pass 1 builds the per-voxel log-sum-exp; pass 2 the per-class sums of probabilities.
+    Backward: soft Dice through softmax needs t_v = Σ_c p_cv ∂L/∂p_cv per voxel before any chunk's
+    gradient exists, so pass 1 builds t, pass 2 forms each chunk's logit gradient and multiplies it
+    into the basis and E gradients. Target terms (one class per voxel) are gathered, not chunked.
+    """
+
+    @staticmethod
+    def forward(ctx, basis: Tensor, operator: Tensor, target: Tensor, chunk: int, batch_dice: bool, do_bg: bool,
+                smooth: float, weight_ce: float, weight_dice: float, ignore_label: int | None) -> Tensor:
+        b = basis.shape[0]
+        num_classes = operator.shape[1]
+        dtype = torch.promote_types(basis.dtype, operator.dtype)
+        x = _flatten_basis(basis).to(dtype)
+        e = operator.detach().to(dtype)
+        n = x.shape[1]
+        voxels = n // b
+        y = target.reshape(n).long()
+        valid = None
+        if ignore_label is not None:
+            valid = y != ignore_label
+            y = torch.where(valid, y, 0)
+        weight = valid.to(dtype) if valid is not None else None
+
+        lse = torch.full((n,), -math.inf, device=x.device, dtype=dtype)
+        for start, stop in _chunks(num_classes, chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(torch.mm(e[:, start:stop].T, x), 0))
+
+        sum_probability = torch.empty((b, num_classes), device=x.device, dtype=dtype)
+        for start, stop in _chunks(num_classes, chunk):
+            p = _probabilities(e, x, start, stop, lse)
+            if weight is not None:
+                p.mul_(weight)
+            sum_probability[:, start:stop] = p.view(stop - start, b, voxels).sum(-1).T
+
+        log_p_target = torch.einsum("rn,rn->n", e[:, y], x).sub_(lse)
+        p_target = log_p_target.exp()
+        sample = torch.arange(b, device=x.device).repeat_interleave(voxels)
+        flat = sample * num_classes + y
+        ones = torch.ones(n, device=x.device, dtype=dtype) if weight is None else weight
+        intersect = torch.zeros(b * num_classes, device=x.device, dtype=dtype).index_add_(
+            0, flat, p_target * ones).view(b, num_classes)
+        sum_gt = torch.zeros(b * num_classes, device=x.device, dtype=dtype).index_add_(
+            0, flat, ones).view(b, num_classes)
+
+        num_valid = ones.sum()
+        ce = -(log_p_target * ones).sum() / num_valid if num_valid > 0 else x.new_zeros(())
+        ce_coefficient = weight_ce / num_valid if num_valid > 0 else x.new_zeros(())
+
+        if batch_dice:
+            intersect, sum_probability, sum_gt = intersect.sum(0), sum_probability.sum(0), sum_gt.sum(0)
+        raw_denominator = sum_gt + sum_probability + smooth
+        denominator = raw_denominator.clamp_min(1e-8)
+        dice = (2 * intersect + smooth) / denominator
+        first = 0 if do_bg else 1
+        terms = dice[..., first:]
+        loss = weight_ce * ce - weight_dice * terms.mean()
+
+        # ∂(−mean dice)/∂p_cv = m_v (a_c·[y_v = c] + β_c), zero for excluded classes and clamped denominators
+        count = terms.numel()
+        live = (raw_denominator > 1e-8).to(dtype)
+        a = -2 / (count * denominator) * live
+        beta = (2 * intersect + smooth) / (count * denominator ** 2) * live
+        a[..., :first] = 0
+        beta[..., :first] = 0
+        if batch_dice:
+            a, beta = a.expand(b, num_classes), beta.expand(b, num_classes)
+        ctx.save_for_backward(x, e, y, lse, p_target, weight, a.contiguous(), beta.contiguous(), ce_coefficient)
+        ctx.settings = (basis.shape, basis.dtype, operator.dtype, chunk, batch_dice, weight_dice)
+        return loss.to(basis.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        x, e, y, lse, p_target, weight, a, beta, ce_coefficient = ctx.saved_tensors
+        basis_shape, basis_dtype, operator_dtype, chunk, batch_dice, weight_dice = ctx.settings
+        b = basis_shape[0]
+        rank, n = x.shape
+        voxels = n // b
+        num_classes = e.shape[1]
+        g = grad_output.to(x.dtype)
+        sample = torch.arange(b, device=x.device).repeat_interleave(voxels)
+        a_target = a[sample, y]
+
+        # pass 1: t_v = Σ_c p_cv ∂L_dice/∂p_cv = m_v (a_{y_v} p_{y_v,v} + Σ_c p_cv β_c)
+        p_beta = torch.zeros(n, device=x.device, dtype=x.dtype)
+        for start, stop in _chunks(num_classes, chunk):
+            p = _probabilities(e, x, start, stop, lse)
+            if batch_dice:
+                p_beta += beta[0, start:stop] @ p
+            else:
+                for i in range(b):
+                    block = slice(i * voxels, (i + 1) * voxels)
+                    p_beta[block] += beta[i, start:stop] @ p[:, block]
+        t = a_target * p_target + p_beta
+        ones = torch.ones_like(t) if weight is None else weight
+        if weight is not None:
+            t.mul_(weight)
+
+        # pass 2: ∂L/∂z_cv = p_cv (m_v w_ce/N − w_dice t_v + w_dice m_v β_c) + [y_v = c] m_v (w_dice a_c p_cv − w_ce/N)
+        per_voxel = g * (ce_coefficient * ones - weight_dice * t)
+        per_class = (g * weight_dice) * beta
+        grad_x = torch.zeros_like(x)
+        grad_e = torch.empty_like(e)
+        for start, stop in _chunks(num_classes, chunk):
+            p = _probabilities(e, x, start, stop, lse)
+            if weight is not None:
+                p.mul_(weight)
+            grad_z = p * per_voxel
+            grad_z.view(stop - start, b, voxels).addcmul_(p.view(stop - start, b, voxels),
+                                                          per_class[:, start:stop].T.unsqueeze(-1))
+            grad_x.addmm_(e[:, start:stop], grad_z)
+            torch.mm(x, grad_z.T, out=grad_e[:, start:stop])
+        target_term = g * ones * (weight_dice * a_target * p_target - ce_coefficient)
+        grad_x.addcmul_(e[:, y], target_term)
+        grad_e.index_add_(1, y, x * target_term)
+
+        grad_basis = grad_x.view(rank, b, voxels).transpose(0, 1).reshape(basis_shape).to(basis_dtype)
+        return grad_basis, grad_e.to(operator_dtype), None, None, None, None, None, None, None, None
+
+
+def chunked_dc_and_ce_loss(basis: Tensor, operator: Tensor, target: Tensor, chunk: int = 30,
+                           batch_dice: bool = True, do_bg: bool = False, smooth: float = 1e-5,
+                           weight_ce: float = 1.0, weight_dice: float = 1.0,
+                           ignore_label: int | None = None) -> Tensor:
+    """The exact nnU-Net Dice + CE loss of logits Eᵀ·basis, never holding b×C×S."""
+    return ChunkedSoftmaxDiceCELoss.apply(basis, operator, target, chunk, batch_dice, do_bg, smooth,
+                                          weight_ce, weight_dice, ignore_label)
+
+
+class ChunkedHead(Head):
+    """Low-rank basis (R maps) + operator E; exact chunked softmax CE + Dice; chunked argmax."""
+
+    def __init__(self, in_channels: int, num_classes: int, rank: int | None = None, chunk: int = 30,
+                 batch_dice: bool = True, do_bg: bool = False, smooth: float = 1e-5, weight_ce: float = 1.0,
+                 weight_dice: float = 1.0, ignore_label: int | None = None):
+        super().__init__(in_channels, num_classes)
+        rank = min(32, num_classes) if rank is None else rank
+        if not 1 <= rank <= num_classes:
+            raise HeadzooError(f"rank must be in [1, {num_classes}] (at most C), got {rank}")
+        if chunk < 1:
+            raise HeadzooError(f"chunk must be positive, got {chunk}")
+        self.rank, self.chunk = rank, chunk
+        self.loss_settings = dict(batch_dice=batch_dice, do_bg=do_bg, smooth=smooth, weight_ce=weight_ce,
+                                  weight_dice=weight_dice, ignore_label=ignore_label)
+        self.basis = nn.Conv3d(in_channels, rank, kernel_size=1)
+        self.operator = nn.Parameter(torch.randn(rank, num_classes) / math.sqrt(rank))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.basis(features)
+
+    def loss(self, output: Tensor, target: Tensor, annotated: Tensor | None = None) -> Tensor:
+        self.check_target(output, target, annotated, self.loss_settings["ignore_label"])
+        return chunked_dc_and_ce_loss(output, self.operator, target, self.chunk, **self.loss_settings)
+
+    def predict(self, output: Tensor) -> Tensor:
+        return chunked_argmax(output, self.operator, self.chunk)
+
+    def logits(self, output: Tensor, classes: slice) -> Tensor:
+        return torch.einsum("br...,rc->bc...", output, self.operator[:, classes])

@@ -1,0 +1,26 @@
+"""A plug-in head as a third party would write one: 1×1×1 conv to C logits, plain cross-entropy."""
+import torch.nn.functional as F
+from torch import nn
+
+from headzoo import Head
+
+
+class DummyHead(Head):
+    """Plug-in example: C logits, cross-entropy only."""
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__(in_channels, num_classes)
+        self.conv = nn.Conv3d(in_channels, num_classes, 1)
+
+    def forward(self, features):
+        return self.conv(features)
+
+    def loss(self, output, target, annotated=None):
+        self.check_target(output, target, annotated)
+        return F.cross_entropy(output, target[:, 0].long())
+
+    def predict(self, output):
+        return output.argmax(1)
+
+    def logits(self, output, classes):
+        return output[:, classes]

@@ -1,0 +1,87 @@
+"""`headzoo run` end to end (plug-in included) and its handling of bad input, as a user runs it."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = [sys.executable, "-m", "headzoo", "run", "--preset", "tiny", "--patch", "16", "--steps", "6"]
+
+
+def headzoo(*args, cwd=None):
+    return subprocess.run([*args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy())
+
+
+@pytest.mark.parametrize("head", ["dummy", "dense", "chunked"])
+def test_run_trains_evaluates_and_records(tmp_path, head):
+    out = tmp_path / "results.jsonl"
+    result = headzoo(*RUN, "--head", head, "--classes", "5", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["status"] == "ok" and record["head"] == head and 0 <= record["dice_mean"] <= 1
+    assert record["peak_memory_bytes"] > 0 and record["step_time_median_s"] > 0
+    assert record["timed_steps"] == 6 - 3 - 1
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [record]
+    assert all(record[k] for k in ("device_name", "torch", "headzoo", "git_sha", "time"))
+
+
+def test_rerun_replaces_its_own_row(tmp_path):
+    out = tmp_path / "results.jsonl"
+    for _ in range(2):
+        assert headzoo(*RUN, "--head", "dummy", "--classes", "3", "--out", str(out)).returncode == 0
+    assert len(out.read_text().splitlines()) == 1
+
+
+BAD_INPUT = [
+    (["--head", "dense", "--classes", "1"], "--classes must be at least 2"),
+    (["--head", "dense", "--classes", "5", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--head", "dense", "--classes", "5", "--patch", "64"], "larger than the volumes"),
+    (["--head", "dense", "--classes", "5", "--patch", "20"], "must be divisible by 8"),
+    (["--head", "densse", "--classes", "5"], "did you mean 'dense'"),
+    (["--head", "chunked", "--classes", "5", "--option", "rank=9"], "rank must be in"),
+    (["--head", "dense", "--classes", "5", "--option", "colour=red"], "rejected its options"),
+]
+
+
+@pytest.mark.parametrize("arguments,message", BAD_INPUT)
+def test_bad_input_is_one_line_and_leaves_no_record(tmp_path, arguments, message):
+    out = tmp_path / "results.jsonl"
+    result = headzoo(*RUN, *arguments, "--out", str(out))
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_unwritable_out_is_refused(tmp_path):
+    result = headzoo(*RUN, "--head", "dense", "--classes", "5", "--out", str(tmp_path / "missing" / "r.jsonl"))
+    assert result.returncode != 0 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("corrupt", ["no_json", "foreign_json", "no_labels"])
+def test_corrupt_or_foreign_dataset_folder(tmp_path, corrupt):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    if corrupt == "foreign_json":
+        (folder / "dataset.json").write_text(json.dumps({"name": "not nnU-Net"}))
+    elif corrupt == "no_labels":
+        (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "numTraining": 1,
+                                                         "channel_names": {"0": "x"}, "file_ending": ".nii.gz"}))
+    out = tmp_path / "results.jsonl"
+    result = headzoo(*RUN, "--head", "dense", "--classes", "2", "--dataset", str(folder), "--out", str(out))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and str(folder) in result.stderr
+    assert not out.exists()
+
+
+def test_toy_command_writes_a_dataset_that_run_accepts(tmp_path):
+    folder = tmp_path / "toy"
+    assert headzoo(sys.executable, "-m", "headzoo", "toy", "--classes", "4", "--preset", "tiny",
+                   "--out", str(folder)).returncode == 0
+    result = headzoo(*RUN, "--head", "dense", "--dataset", str(folder), "--classes", "4",
+                     "--out", str(tmp_path / "r.jsonl"), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["classes"] == 4

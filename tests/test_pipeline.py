@@ -1,0 +1,32 @@
+import torch
+
+import headzoo
+from headzoo.backbone import SegmentationNetwork, build_backbone
+from headzoo.pipeline import configuration_name, prepare_toy, training_loader
+
+
+def test_one_frozen_plan_for_every_class_count():
+    few, many = prepare_toy("tiny", 3, 0), prepare_toy("tiny", 40, 0)
+    for backbone in ("small", "resenc-m", "resenc-l"):
+        a, b = few.configuration(backbone), many.configuration(backbone)
+        assert a.patch_size == b.patch_size and a.network_arch_init_kwargs == b.network_arch_init_kwargs
+        assert a.batch_size == b.batch_size and a.spacing == b.spacing
+    assert few.plans["configurations"][configuration_name("small")]["patch_size"] == [32, 32, 32]
+
+
+def test_loader_is_deterministic_and_yields_nnunet_batches():
+    prepared = prepare_toy("tiny", 5, 0)
+    first = next(training_loader(prepared, (16, 16, 16), 2, seed=4))
+    second = next(training_loader(prepared, (16, 16, 16), 2, seed=4))
+    assert first["data"].shape == (2, 1, 16, 16, 16) and first["target"].shape == (2, 1, 16, 16, 16)
+    torch.testing.assert_close(first["data"], second["data"])
+    torch.testing.assert_close(first["target"], second["target"])
+
+
+def test_same_seed_same_backbone_whatever_the_head():
+    weights = []
+    for head_name in ("dense", "chunked"):
+        backbone, features = build_backbone("small", 1, seed=7)
+        network = SegmentationNetwork(backbone, headzoo.create_head(head_name, features, 50))
+        weights.append(torch.cat([p.flatten() for p in network.backbone.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)

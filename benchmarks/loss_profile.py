@@ -1,0 +1,205 @@
+"""Reproduce the chunked-basis-head paper's Table 4: loss-only time and peak memory, chunked vs direct.
+
+The direct loss (materialised logits Eᵀ·B + nnU-Net's DC_and_CE_loss) is measured in the same run.
+Times: median of --repeats after --warmup (forward, backward, total). Memory: peak live tensor bytes
+on CPU (torch's MemTracker), the allocator peak on CUDA; inputs B and E included. Rows that cannot fit
+the machine are recorded with their reason instead of a number.
+
+    python benchmarks/loss_profile.py                       # the 32³ rows (CPU minutes)
+    python benchmarks/loss_profile.py --section patch --patches 128 --repeats 3 --warmup 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import headzoo  # noqa: F401  (nnU-Net environment)
+from headzoo.heads.chunked import chunked_dc_and_ce_loss
+from headzoo.heads.dense import build_nnunet_loss
+
+OUT = Path(__file__).resolve().parent.parent / "leaderboard"
+BATCH, RANK = 2, 32
+DIRECT_COPIES = 6  # logits-sized float tensors the direct loss holds at its peak (measured: ~5.6 at 32³)
+
+
+def sections(args) -> list[tuple[str, int, int | None, int]]:
+    """(section, classes, chunk (None = direct), patch edge)."""
+    rows = []
+    if args.section in ("all", "chunk"):
+        rows += [("chunk size (C=1000, 32³)", 1000, chunk, 32) for chunk in (15, 30, 60, 120, 1000)]
+        rows += [("chunk size (C=1000, 32³)", 1000, None, 32)]
+    if args.section in ("all", "classes"):
+        for classes in (100, 200, 500, 1000):
+            rows += [("classes (chunk 30, 32³)", classes, 30, 32), ("classes (chunk 30, 32³)", classes, None, 32)]
+    if args.section in ("all", "patch"):
+        for patch in args.patches:
+            rows += [("patch (C=1000, chunk 10)", 1000, 10, patch), ("patch (C=1000, chunk 10)", 1000, None, patch)]
+    return rows
+
+
+def make_inputs(classes: int, patch: int, device: torch.device):
+    generator = torch.Generator(device=device).manual_seed(0)
+    basis = torch.randn(BATCH, RANK, patch, patch, patch, device=device, generator=generator).requires_grad_()
+    operator = (torch.randn(RANK, classes, device=device, generator=generator) / RANK ** 0.5).requires_grad_()
+    target = torch.randint(0, classes, (BATCH, 1, patch, patch, patch), device=device, generator=generator)
+    return basis, operator, target
+
+
+def loss_function(chunk: int | None):
+    if chunk is None:
+        direct = build_nnunet_loss(batch_dice=True)
+        return lambda basis, operator, target: direct(torch.einsum("br...,rc->bc...", basis, operator), target)
+    return lambda basis, operator, target: chunked_dc_and_ce_loss(basis, operator, target, chunk)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_row(fn, inputs, device, warmup: int, repeats: int) -> dict:
+    forward, backward = [], []
+    for i in range(warmup + repeats):
+        inputs[0].grad = inputs[1].grad = None
+        sync(device)
+        t0 = time.perf_counter()
+        loss = fn(*inputs)
+        sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            forward.append(t1 - t0)
+            backward.append(t2 - t1)
+    total = np.add(forward, backward)
+    return {"forward_s": float(np.median(forward)), "backward_s": float(np.median(backward)),
+            "total_s": float(np.median(total)), "total_p20_s": float(np.percentile(total, 20)),
+            "total_p80_s": float(np.percentile(total, 80)), "repeats": repeats, "warmup": warmup}
+
+
+def memory_row(fn, inputs, device) -> dict:
+    def peak(with_backward: bool) -> int:
+        inputs[0].grad = inputs[1].grad = None
+        if device.type == "cuda":
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            loss = fn(*inputs)
+            if with_backward:
+                loss.backward()
+            sync(device)
+            return torch.cuda.max_memory_allocated(device)
+        from torch.distributed._tools.mem_tracker import MemTracker
+        tracker = MemTracker()
+        tracker.track_external(*inputs)
+        with tracker:
+            loss = fn(*inputs)
+            if with_backward:
+                loss.backward()
+        return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+    return {"forward_peak_bytes": peak(False), "total_peak_bytes": peak(True)}
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--section", choices=["all", "chunk", "classes", "patch"], default="all")
+    parser.add_argument("--patches", type=int, nargs="+", default=[32, 128, 192])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=OUT / "loss_profile.csv")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+    rows = []
+    for section, classes, chunk, patch in sections(args):
+        row = {"section": section, "loss": "direct" if chunk is None else "chunked", "classes": classes,
+               "chunk": chunk, "patch": patch, "batch": BATCH, "rank": RANK, "device_name": device_name,
+               "torch": torch.__version__, "status": "ok"}
+        logits_bytes = BATCH * classes * patch ** 3 * 4
+        if chunk is None and DIRECT_COPIES * logits_bytes > available_bytes(device):
+            row["status"] = f"does not fit: needs ~{DIRECT_COPIES * logits_bytes / 2**30:.0f} GiB"
+        else:
+            try:
+                inputs = make_inputs(classes, patch, device)
+                fn = loss_function(chunk)
+                row.update(time_row(fn, inputs, device, args.warmup, args.repeats))
+                row.update(memory_row(fn, inputs, device))
+            except torch.OutOfMemoryError:
+                row["status"] = "oom"
+            finally:
+                inputs = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        rows.append(row)
+        print({k: row.get(k) for k in ("section", "loss", "classes", "chunk", "patch", "total_s",
+                                        "total_peak_bytes", "status")}, flush=True)
+    write(pd.DataFrame(rows), args.out)
+
+
+def write(new: pd.DataFrame, out: Path) -> None:
+    """Merge into the results file (rows keyed by section/loss/classes/chunk/patch/device), then render markdown."""
+    key = ["section", "loss", "classes", "chunk", "patch", "device_name"]
+    if out.exists():
+        old = pd.read_csv(out)
+        merged = pd.concat([old, new]).drop_duplicates(subset=key, keep="last")
+    else:
+        merged = new
+    temporary = out.with_suffix(".tmp")
+    merged.to_csv(temporary, index=False)
+    temporary.replace(out)
+    out.with_suffix(".md").write_text(render(merged))
+
+
+def render(table: pd.DataFrame) -> str:
+    lines = ["# Loss profile (chunked-basis-head paper, Table 4)", "",
+             "Loss only (B → loss → ∂B, ∂E), batch 2, R 32; times are medians after warm-up; memory is the peak",
+             "of live tensors including the inputs (CPU: torch MemTracker; CUDA: allocator peak). `×direct` is the",
+             "chunked value over the direct loss's (materialised logits + nnU-Net's DC_and_CE_loss) in the same run.",
+             "Generated by `benchmarks/loss_profile.py`.", ""]
+    for device_name, by_device in table.groupby("device_name", sort=True):
+        lines += [f"## {device_name}", ""]
+        for section, rows in by_device.groupby("section", sort=False):
+            lines += [f"### {section}", "",
+                      "| loss | C | chunk | patch | total s | fwd s | bwd s | fwd peak MiB | total peak MiB | "
+                      "time ×direct | memory ×direct | runs |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for _, r in rows.iterrows():
+                direct = rows[(rows.loss == "direct") & (rows.classes == r.classes) & (rows.patch == r.patch)]
+                if r.status != "ok":
+                    lines.append(f"| {r.loss} | {r.classes} | {fmt_chunk(r)} | {r.patch}³ | {r.status} "
+                                 "| | | | | | | |")
+                    continue
+                ratio_t = ratio_m = ""
+                if r.loss == "chunked" and len(direct) and direct.iloc[0].status == "ok":
+                    ratio_t = f"{r.total_s / direct.iloc[0].total_s:.2f}"
+                    ratio_m = f"{r.total_peak_bytes / direct.iloc[0].total_peak_bytes:.3f}"
+                lines.append(f"| {r.loss} | {r.classes} | {fmt_chunk(r)} | {r.patch}³ | {r.total_s:.3f} | "
+                             f"{r.forward_s:.3f} | {r.backward_s:.3f} | {r.forward_peak_bytes / 2**20:.1f} | "
+                             f"{r.total_peak_bytes / 2**20:.1f} | {ratio_t} | {ratio_m} | "
+                             f"{int(r.repeats)}+{int(r.warmup)} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def fmt_chunk(r) -> str:
+    return "–" if r.loss == "direct" or pd.isna(r.chunk) else str(int(r.chunk))
+
+
+if __name__ == "__main__":
+    main()

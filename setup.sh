@@ -11,7 +11,7 @@ else
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install --quiet "torch==2.13.0"
-.venv/bin/python - > .venv/constraints.txt <<'PY'
+.venv/bin/python -W ignore - > .venv/constraints.txt <<'PY'
 import torch
 major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 print(f"torch=={torch.__version__.split('+')[0]}")

@@ -116,6 +116,14 @@ def run(head: str = typer.Option(..., help="a registered head (see `headzoo head
         raise typer.Exit(1)
 
 
+@app.command()
+def leaderboard(results: Path = typer.Option(Path("results.jsonl"), help="results file (JSON lines)"),
+                out: Path = typer.Option(Path("leaderboard"), help="folder for README.md and plots")) -> None:
+    """Render a results file as markdown tables (per device and settings) and plots."""
+    from headzoo.leaderboard import render
+    console.print(f"wrote {render(results, out)}")
+
+
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit status 2 (HEADZOO_DEBUG=1 for the traceback)."""
     try:

@@ -1,0 +1,24 @@
+import json
+
+from headzoo.leaderboard import render
+
+
+def _record(head, classes, status="ok", **values):
+    return {"head": head, "options": {}, "classes": classes, "backbone": "small", "patch": [32, 32, 32],
+            "batch": 2, "steps": 60, "seed": 0, "device_name": "cpu (test)", "status": status,
+            "dice_mean": values.get("dice"), "peak_memory_bytes": values.get("memory"),
+            "step_time_median_s": values.get("time")}
+
+
+def test_rendering_is_deterministic_and_shows_oom(tmp_path):
+    results = tmp_path / "results.jsonl"
+    records = [_record("dense", 10, dice=0.5, memory=2**20, time=0.1), _record("dense", 1000, status="oom"),
+               _record("chunked", 10, dice=0.4, memory=2**19, time=0.2),
+               _record("chunked", 1000, dice=0.1, memory=2**19, time=0.3)]
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    first, second = ({p.name: p.read_bytes() for p in [render(results, out), *out.glob("*.png")]}
+                     for out in (tmp_path / "a" / "board", tmp_path / "b" / "board"))
+    assert first.keys() == second.keys() and len(first) == 4
+    assert all(first[name] == second[name] for name in first)
+    readme = first["README.md"].decode()
+    assert "| dense | 0.500 | `oom` |" in readme and "| chunked | 0.400 | 0.100 |" in readme

@@ -31,8 +31,8 @@ def _probabilities(operator: Tensor, x: Tensor, start: int, stop: int, lse: Tens
     return torch.mm(operator[:, start:stop].T, x).sub_(lse).exp_()
 
 
-def chunked_argmax(basis: Tensor, operator: Tensor, chunk: int) -> Tensor:
-    """argmax_c (Eᵀ·B)_c per voxel, by a running (value, index) over class chunks: O(R + chunk) per voxel."""
+def chunked_max(basis: Tensor, operator: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """max and argmax_c of (Eᵀ·B)_c per voxel, by a running (value, index) over class chunks: O(R + chunk) per voxel."""
     x = _flatten_basis(basis).to(operator.dtype)
     best_value = torch.full((x.shape[1],), -math.inf, device=x.device, dtype=x.dtype)
     best_index = torch.zeros(x.shape[1], device=x.device, dtype=torch.long)
@@ -41,8 +41,13 @@ def chunked_argmax(basis: Tensor, operator: Tensor, chunk: int) -> Tensor:
         better = value > best_value
         best_value = torch.where(better, value, best_value)
         best_index = torch.where(better, index + start, best_index)
-    b = basis.shape[0]
-    return best_index.view(b, *basis.shape[2:])
+    shape = (basis.shape[0], *basis.shape[2:])
+    return best_value.view(shape), best_index.view(shape)
+
+
+def chunked_argmax(basis: Tensor, operator: Tensor, chunk: int) -> Tensor:
+    """argmax_c (Eᵀ·B)_c per voxel without holding all C logits."""
+    return chunked_max(basis, operator, chunk)[1]
 
 
 class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):

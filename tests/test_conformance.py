@@ -8,10 +8,16 @@ from headzoo.errors import HeadzooError
 C, F, B, SPATIAL = 9, 6, 2, (6, 5, 4)
 
 
-@pytest.fixture(params=headzoo.list_heads())
+# every registered head with its defaults, plus the variants that take another code path
+VARIANTS = [(name, {}) for name in headzoo.list_heads()] + [
+    ("chunked", {"rank": 3, "chunk": 4}), ("sigmoid", {"rank": 4, "chunk": 3}), ("knn", {"knn_backend": "torch"})]
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda v: v[0] + "".join(f"-{k}={x}" for k, x in v[1].items()))
 def head(request):
     torch.manual_seed(0)
-    return headzoo.create_head(request.param, F, C)
+    name, options = request.param
+    return headzoo.create_head(name, F, C, **options)
 
 
 def _batch():

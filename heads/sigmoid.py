@@ -1,0 +1,101 @@
+"""``sigmoid``: MultiTalent's per-class sigmoid heads with the class-adaptive loss (multitalent.md §2.2).
+
+One sigmoid channel per foreground class (labels 1..C−1, no background channel). The loss is eq. (2)
+as MultiTalent's code reduces it, with the per-sample annotated-class mask m (b × C):
+
+    L = Σ_c Σ_b m_bc · mean_voxels BCE(s_bc, y_bc) − Σ_c 2·Σ_{b,z} m_bc p y / max(Σ_{b,z} m_bc (p + y), 1e−7)
+
+summed over classes, no smoothing, batch Dice over the samples where the class is annotated. With
+``rank=R`` the head is chunked: an R-channel basis and an operator E give each class chunk's logits,
+and the loss streams over chunks (per-class terms are independent, so each chunk is checkpointed:
+one pass forward, one recomputing pass backward), never holding b×C×S.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from headzoo.errors import HeadzooError
+from headzoo.head import Head
+from headzoo.heads.chunked import chunked_max
+
+
+def sigmoid_class_loss(logits: Tensor, labels: Tensor, target: Tensor, annotated: Tensor) -> Tensor:
+    """Eq. (2) for the classes `labels` (k,): logits (b, k, S), target (b, S), annotated (b, k) float."""
+    onehot = (target.unsqueeze(1) == labels.view(1, -1, 1)).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(-1)
+    p = torch.sigmoid(logits)
+    intersect = (annotated * (p * onehot).sum(-1)).sum(0)
+    denominator = (annotated * (p + onehot).sum(-1)).sum(0)
+    return (annotated * bce).sum() - (2 * intersect / denominator.clamp_min(1e-7)).sum()
+
+
+class SigmoidHead(Head):
+    """MultiTalent: per-class sigmoid, class-adaptive BCE + Dice over annotated classes; rank=R streams chunks."""
+
+    accepts_annotated = True
+
+    def __init__(self, in_channels: int, num_classes: int, rank: int | None = None, chunk: int = 30):
+        super().__init__(in_channels, num_classes)
+        foreground = num_classes - 1
+        if rank is not None and not 1 <= rank <= foreground:
+            raise HeadzooError(f"rank must be in [1, {foreground}] (at most C−1), got {rank}")
+        if chunk < 1:
+            raise HeadzooError(f"chunk must be positive, got {chunk}")
+        self.rank, self.chunk = rank, chunk
+        self.conv = nn.Conv3d(in_channels, rank or foreground, kernel_size=1)
+        if rank is not None:
+            self.operator = nn.Parameter(torch.randn(rank, foreground) / math.sqrt(rank))
+            self.class_bias = nn.Parameter(torch.zeros(foreground))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.conv(features)
+
+    def _chunk_logits(self, flat: Tensor, start: int, stop: int, operator: Tensor, bias: Tensor) -> Tensor:
+        """Logits of foreground channels [start, stop) from the basis (b, R, S): (b, k, S)."""
+        return torch.matmul(operator[:, start:stop].T, flat) + bias[start:stop, None]
+
+    def logits(self, output: Tensor, classes: slice) -> Tensor:
+        start, stop, _ = classes.indices(self.num_classes)
+        if start < 1:
+            raise HeadzooError("the sigmoid head has no background channel: class ranges start at label 1")
+        if self.rank is None:
+            return output[:, start - 1:stop - 1]
+        flat = output.flatten(2)
+        return self._chunk_logits(flat, start - 1, stop - 1, self.operator, self.class_bias).view(
+            output.shape[0], stop - start, *output.shape[2:])
+
+    def loss(self, output: Tensor, target: Tensor, annotated: Tensor | None = None) -> Tensor:
+        self.check_target(output, target, annotated)
+        b = output.shape[0]
+        if annotated is None:
+            annotated = torch.ones(b, self.num_classes, dtype=torch.bool, device=output.device)
+        mask = annotated[:, 1:].to(output.dtype)
+        y = target.reshape(b, -1).long()
+        labels = torch.arange(1, self.num_classes, device=output.device)
+        if self.rank is None:
+            return sigmoid_class_loss(output.flatten(2), labels, y, mask)
+        flat = output.flatten(2)
+        total = output.new_zeros(())
+        for start in range(0, self.num_classes - 1, self.chunk):
+            stop = min(start + self.chunk, self.num_classes - 1)
+            total = total + checkpoint(self._chunk_loss, flat, self.operator, self.class_bias, labels[start:stop],
+                                       y, mask[:, start:stop], start, stop, use_reentrant=False)
+        return total
+
+    def _chunk_loss(self, flat, operator, bias, labels, y, mask, start, stop):
+        return sigmoid_class_loss(self._chunk_logits(flat, start, stop, operator, bias), labels, y, mask)
+
+    @torch.no_grad()
+    def predict(self, output: Tensor) -> Tensor:
+        """The class with the highest sigmoid probability; background where no class exceeds 0.5."""
+        if self.rank is None:
+            value, index = output.max(1)
+        else:
+            shifted = torch.cat([output, torch.ones_like(output[:, :1])], 1)  # bias as a constant basis map
+            value, index = chunked_max(shifted, torch.cat([self.operator, self.class_bias[None]]), self.chunk)
+        return torch.where(value > 0, index + 1, torch.zeros_like(index))

@@ -74,10 +74,12 @@ def heads() -> None:
 def toy(classes: int = typer.Option(..., help="number of labels C, background included"),
         preset: str = typer.Option("small", help="small (CPU minutes), paper (§2.4: 192³, 1000 volumes) or tiny"),
         out: Path = typer.Option(..., help="folder to create, in nnU-Net raw format"),
-        seed: int = typer.Option(0)) -> None:
+        seed: int = typer.Option(0),
+        partial: int = typer.Option(1, help="K > 1: training volumes from K sources, each labelling its own classes")
+        ) -> None:
     """Write the toy dataset of the chunked-basis-head paper (§2.4) in nnU-Net raw format."""
     from headzoo.toy import write_toy_dataset
-    write_toy_dataset(out, classes, preset, seed)
+    write_toy_dataset(out, classes, preset, seed, partial)
     console.print(f"wrote {out}")
 
 
@@ -92,6 +94,7 @@ def run(head: str = typer.Option(..., help="a registered head (see `headzoo head
         seed: int = typer.Option(0),
         preset: str = typer.Option("small", help="toy preset when --dataset is not given"),
         dataset: Optional[Path] = typer.Option(None, help="an nnU-Net raw dataset folder instead of the toy"),
+        partial: int = typer.Option(1, help="K > 1: partially labelled toy data from K sources (MultiTalent)"),
         memory_limit: Optional[str] = typer.Option(None, help="memory budget for this run, e.g. 16GiB"),
         out: Path = typer.Option(Path("results.jsonl"), help="results file (JSON lines)"),
         as_json: bool = typer.Option(False, "--json", help="print the record as JSON"),
@@ -102,7 +105,7 @@ def run(head: str = typer.Option(..., help="a registered head (see `headzoo head
     from headzoo.results import ensure_writable, upsert_record
     from headzoo.runner import RunConfig, run as run_head
     config = RunConfig(head=head, classes=classes, steps=steps, patch=parse_patch(patch), batch=batch,
-                       backbone=backbone, device=device, seed=seed, preset=preset, dataset=dataset,
+                       backbone=backbone, device=device, seed=seed, preset=preset, dataset=dataset, partial=partial,
                        options=dict(parse_option(o) for o in option))
     ensure_writable(out)
     apply_memory_limit(parse_bytes(memory_limit), device)

@@ -72,6 +72,29 @@ class PreparedDataset:
         shapes = [json.loads((self.preprocessed / "shapes.json").read_text())[k] for k in self.train_identifiers()]
         return tuple(int(s) for s in np.min(np.array(shapes), axis=0))
 
+    @property
+    def partial(self) -> bool:
+        """Whether training cases come from sources that each annotate a subset of the classes."""
+        return self.dataset_json.get("headzoo", {}).get("sources", 1) > 1
+
+    def annotated_mask(self, keys) -> torch.Tensor:
+        """(b, C) bool: the classes annotated in each case (background always)."""
+        info = self.dataset_json["headzoo"]
+        mask = torch.zeros(len(keys), self.num_classes, dtype=torch.bool)
+        mask[:, 0] = True
+        for row, key in enumerate(keys):
+            mask[row, info["source_classes"][info["case_sources"][str(key)]]] = True
+        return mask
+
+    def sampling_probabilities(self) -> np.ndarray | None:
+        """MultiTalent's sampling: each case ∝ 1/√n of its source dataset's size (None: uniform)."""
+        if not self.partial:
+            return None
+        sources = self.dataset_json["headzoo"]["case_sources"]
+        sizes = np.bincount(list(sources.values()))
+        weights = np.array([1 / np.sqrt(sizes[sources[k]]) for k in self.train_identifiers()])
+        return weights / weights.sum()
+
     def train_identifiers(self) -> list[str]:
         return sorted(json.loads((self.preprocessed / "shapes.json").read_text()))
 
@@ -183,15 +206,16 @@ def _ensure_preprocessed(name: str) -> PreparedDataset:
     return _load_prepared(name)
 
 
-def prepare_toy(preset: str, classes: int, seed: int) -> PreparedDataset:
-    """The toy dataset for (preset, classes, seed), generated and preprocessed once, then cached."""
+def prepare_toy(preset: str, classes: int, seed: int, sources: int = 1) -> PreparedDataset:
+    """The toy dataset for (preset, classes, seed, sources), generated and preprocessed once, then cached."""
     get_preset(preset)
-    key = f"toy-{preset}-C{classes}-s{seed}"
-    name = f"Dataset{_dataset_id(key)}_HeadzooToy_{preset}_C{classes}_s{seed}"
+    partial = f"-p{sources}" if sources > 1 else ""
+    key = f"toy-{preset}-C{classes}-s{seed}{partial}"
+    name = f"Dataset{_dataset_id(key)}_HeadzooToy_{preset}_C{classes}_s{seed}{partial.replace('-', '_')}"
     with _lock(name):
         if not (nnunet_raw() / name / "dataset.json").is_file():
             shutil.rmtree(nnunet_raw() / name, ignore_errors=True)
-            write_toy_dataset(nnunet_raw() / name, classes, preset, seed)
+            write_toy_dataset(nnunet_raw() / name, classes, preset, seed, sources)
         return _ensure_preprocessed(name)
 
 
@@ -233,8 +257,7 @@ def prepare_folder(folder: Path) -> PreparedDataset:
             raise HeadzooError(f"nnU-Net could not preprocess {folder}: {type(error).__name__}: {error}") from error
 
 
-def training_loader(prepared: PreparedDataset, patch: tuple[int, ...], batch: int, seed: int,
-                    sampling_probabilities: np.ndarray | None = None):
+def training_loader(prepared: PreparedDataset, patch: tuple[int, ...], batch: int, seed: int):
     """nnU-Net's data loader with nnU-Net's training transforms, built as nnUNetTrainer builds them."""
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
@@ -251,7 +274,7 @@ def training_loader(prepared: PreparedDataset, patch: tuple[int, ...], batch: in
     np.random.seed(seed)
     torch.manual_seed(seed)
     loader = nnUNetDataLoader(dataset, batch, initial_patch, patch, prepared.label_manager,
-                              oversample_foreground_percent=0.33, sampling_probabilities=sampling_probabilities,
+                              oversample_foreground_percent=0.33, sampling_probabilities=prepared.sampling_probabilities(),
                               transforms=transforms)
     loader.rs = np.random.RandomState(seed)
     return loader

@@ -11,7 +11,7 @@ import pandas as pd
 from headzoo.errors import HeadzooError
 
 SCHEMA_VERSION = 1
-KEY_FIELDS = ("head", "options", "classes", "backbone", "patch", "batch", "device_name", "seed")
+KEY_FIELDS = ("head", "options", "classes", "partial", "backbone", "patch", "batch", "device_name", "seed")
 
 
 def record_key(record: dict) -> str:

@@ -39,6 +39,7 @@ class RunConfig:
     seed: int = 0
     preset: str = "small"
     dataset: Path | None = None           # an nnU-Net raw dataset folder instead of the toy
+    partial: int = 1                      # toy training volumes from this many partially labelled sources
     warmup: int = 3
     options: dict = field(default_factory=dict)
 
@@ -90,7 +91,7 @@ def prepare(config: RunConfig) -> PreparedDataset:
                                f"which has {prepared.num_classes} labels")
         config.classes = prepared.num_classes
     else:
-        prepared = prepare_toy(config.preset, config.classes, config.seed)
+        prepared = prepare_toy(config.preset, config.classes, config.seed, config.partial)
     shape = prepared.volume_shape()
     if any(p > s for p, s in zip(config.patch, shape)):
         raise HeadzooError(f"patch {'x'.join(map(str, config.patch))} is larger than the volumes "
@@ -131,12 +132,15 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
     prepared = prepare(config)
     options = head_options(config, prepared)
     record = {"schema_version": SCHEMA_VERSION, "head": config.head, "options": config.options,
-              "classes": config.classes, "backbone": config.backbone, "patch": list(config.patch),
+              "classes": config.classes, "partial": config.partial, "backbone": config.backbone, "patch": list(config.patch),
               "batch": config.batch, "seed": config.seed, "steps": config.steps, "warmup": config.warmup,
               "dataset": prepared.name, "options_resolved": options, **environment(device), "status": "ok", "error": None}
     torch.manual_seed(config.seed)
     backbone, features = build_backbone(config.backbone, len(prepared.dataset_json["channel_names"]), config.seed)
     head = create_head(config.head, features, config.classes, **options)
+    if prepared.partial and not head.accepts_annotated:
+        raise HeadzooError(f"the {config.head} head cannot use partially labelled data (annotated classes per "
+                           "case); use a head that can, e.g. 'sigmoid', or drop --partial")
     network = SegmentationNetwork(backbone, head).to(device)
     try:
         record.update(_train_and_evaluate(config, prepared, network, device, show_progress))
@@ -161,7 +165,8 @@ def _train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: S
     def step(batch: dict) -> None:
         image = batch["data"].to(device, non_blocking=True)
         target = batch["target"].to(device, non_blocking=True)
-        loss = head.loss(network(image), target)
+        annotated = prepared.annotated_mask(batch["keys"]).to(device) if prepared.partial else None
+        loss = head.loss(network(image), target, annotated)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

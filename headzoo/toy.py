@@ -120,15 +120,33 @@ def make_volume(g: int, shapes: list[np.ndarray], intensity: np.ndarray, preset:
     return image.astype(np.float32), label, unplaced
 
 
+def source_classes(num_classes: int, sources: int, preset: ToyPreset) -> list[list[int]]:
+    """Partial labels: training volume g comes from source g mod K, and each class is annotated by the
+    source of the first training volume that holds it, so every class is labelled somewhere."""
+    owner = {}
+    for g in range(preset.train):
+        for c in volume_classes(g, num_classes, preset.objects):
+            owner.setdefault(c, g % sources)
+    return [sorted(c for c, s in owner.items() if s == source) for source in range(sources)]
+
+
 def _write_nifti(array: np.ndarray, path: Path) -> None:
     import SimpleITK as sitk
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
 
 
-def write_toy_dataset(out: Path, num_classes: int, preset_name: str = "small", seed: int = 0) -> Path:
-    """Write the toy dataset in nnU-Net raw format to `out`, atomically (temp folder, then rename)."""
+def write_toy_dataset(out: Path, num_classes: int, preset_name: str = "small", seed: int = 0,
+                      sources: int = 1) -> Path:
+    """Write the toy dataset in nnU-Net raw format to `out`, atomically (temp folder, then rename).
+
+    With sources = K > 1 the training volumes come from K source datasets (volume g from source
+    g mod K), each annotating only its own classes; the others are written as background. Test
+    volumes stay fully labelled. dataset.json records each case's source and each source's classes.
+    """
     if num_classes < 2:
         raise HeadzooError(f"--classes must be at least 2, got {num_classes}")
+    if not 1 <= sources <= num_classes - 1:
+        raise HeadzooError(f"--partial must be between 1 and C−1 = {num_classes - 1} sources, got {sources}")
     preset = get_preset(preset_name)
     out = Path(out)
     if out.exists():
@@ -149,11 +167,16 @@ def write_toy_dataset(out: Path, num_classes: int, preset_name: str = "small", s
             intensity[1:, 0] = rng.uniform(100.0, 1000.0, num_classes - 1)
             intensity[1:, 1] = rng.uniform(5.0, 50.0, num_classes - 1)
             unplaced = 0
+            annotated = source_classes(num_classes, sources, preset)
+            case_sources = {}
             task = bar.add_task("toy volumes", total=preset.volumes)
             for g in range(preset.volumes):
                 image, label, missed = make_volume(g, shapes, intensity, preset, rng)
                 unplaced += missed
                 split = "Tr" if g < preset.train else "Ts"
+                if split == "Tr" and sources > 1:
+                    case_sources[f"toy_{g:04d}"] = g % sources
+                    label[~np.isin(label, [0, *annotated[g % sources]])] = 0
                 _write_nifti(image, staging / f"images{split}" / f"toy_{g:04d}_0000.nii.gz")
                 _write_nifti(label, staging / f"labels{split}" / f"toy_{g:04d}.nii.gz")
                 bar.advance(task)
@@ -163,7 +186,8 @@ def write_toy_dataset(out: Path, num_classes: int, preset_name: str = "small", s
             "numTraining": preset.train,
             "file_ending": ".nii.gz",
             "headzoo": {"preset": preset_name, **asdict(preset), "classes": num_classes, "seed": seed,
-                        "unplaced_objects": unplaced},
+                        "unplaced_objects": unplaced, "sources": sources,
+                        **({"source_classes": annotated, "case_sources": case_sources} if sources > 1 else {})},
         }
         (staging / "dataset.json").write_text(json.dumps(dataset, indent=1))
         os.replace(staging, out)

@@ -85,3 +85,13 @@ def test_toy_command_writes_a_dataset_that_run_accepts(tmp_path):
                      "--out", str(tmp_path / "r.jsonl"), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["classes"] == 4
+
+
+def test_partial_labels_run_with_sigmoid_and_are_refused_by_dense(tmp_path):
+    out = tmp_path / "results.jsonl"
+    result = headzoo(*RUN, "--head", "sigmoid", "--classes", "7", "--partial", "2", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["partial"] == 2
+    refused = headzoo(*RUN, "--head", "dense", "--classes", "7", "--partial", "2", "--out", str(tmp_path / "x.jsonl"))
+    assert refused.returncode != 0 and "cannot use partially labelled data" in refused.stderr
+    assert not (tmp_path / "x.jsonl").exists()

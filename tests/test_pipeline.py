@@ -30,3 +30,18 @@ def test_same_seed_same_backbone_whatever_the_head():
         network = SegmentationNetwork(backbone, headzoo.create_head(head_name, features, 50))
         weights.append(torch.cat([p.flatten() for p in network.backbone.parameters()]))
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+def test_partial_labels_travel_from_loader_to_mask_with_multitalent_sampling():
+    prepared = prepare_toy("tiny", 7, 0, sources=2)
+    info = prepared.dataset_json["headzoo"]
+    probabilities = prepared.sampling_probabilities()
+    sizes = {s: list(info["case_sources"].values()).count(s) for s in (0, 1)}
+    for key, p in zip(prepared.train_identifiers(), probabilities):
+        assert abs(p * sum(n ** 0.5 for n in sizes.values()) - sizes[info["case_sources"][key]] ** -0.5) < 1e-12
+    batch = next(training_loader(prepared, (16, 16, 16), 2, seed=0))
+    mask = prepared.annotated_mask(batch["keys"])
+    for row, key in enumerate(batch["keys"]):
+        present = set(batch["target"][row].unique().tolist()) - {0}
+        assert all(mask[row, c] for c in present) and mask[row, 0]
+        assert mask[row].sum() == 1 + len(info["source_classes"][info["case_sources"][key]])

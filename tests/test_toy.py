@@ -45,3 +45,13 @@ def test_dataset_is_deterministic_and_in_nnunet_format(tmp_path):
 def test_existing_output_is_refused(tmp_path):
     with pytest.raises(HeadzooError, match="already exists"):
         write_toy_dataset(tmp_path, 5, "tiny")
+
+
+def test_partial_labels_split_classes_across_sources(tmp_path):
+    folder = write_toy_dataset(tmp_path / "p", 9, "tiny", seed=1, sources=3)
+    info = json.loads((folder / "dataset.json").read_text())["headzoo"]
+    owned = [c for classes in info["source_classes"] for c in classes]
+    assert sorted(owned) == list(range(1, 9))  # disjoint, and every class annotated by some source
+    for key, source in info["case_sources"].items():
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{key}.nii.gz")))
+        assert set(np.unique(labels)) <= {0, *info["source_classes"][source]}

@@ -119,6 +119,52 @@ def run(head: str = typer.Option(..., help="a registered head (see `headzoo head
         raise typer.Exit(1)
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'sigmoid:rank=32,chunk=60' → ('sigmoid', {'rank': 32, 'chunk': 60})."""
+    head, _, options = text.partition(":")
+    return head, dict(parse_option(o) for o in options.split(",") if o)
+
+
+@app.command()
+def sweep(heads: str = typer.Option("dense,chunked,sigmoid,knn", help="comma-separated heads (default options)"),
+          variant: list[str] = typer.Option([], help="a head with options, e.g. sigmoid:rank=32 (repeatable)"),
+          classes: str = typer.Option("10,100,200,500,1000", help="comma-separated class counts"),
+          steps: int = typer.Option(60), patch: Optional[str] = typer.Option(None), batch: int = typer.Option(2),
+          backbone: str = typer.Option("small"), device: str = typer.Option("auto"), seed: int = typer.Option(0),
+          preset: str = typer.Option("small"), partial: int = typer.Option(1),
+          memory_limit: Optional[str] = typer.Option(None, help="budget per cell, e.g. 16GiB"),
+          out: Path = typer.Option(Path("results.jsonl")),
+          overwrite: bool = typer.Option(False, help="rerun cells that are already ok"),
+          executor: str = typer.Option("local", help="local (one cell at a time) or submitit (SLURM)"),
+          cluster: Optional[str] = typer.Option(None, help="submitit cluster: auto (default), slurm or local")) -> None:
+    """Run every head × class count, each cell in its own process; resumes where it stopped."""
+    from headzoo.backbone import check_patch, get_backbone
+    from headzoo.registry import get_head_class
+    from headzoo.results import ensure_writable
+    from headzoo.runner import device_name, resolve_device
+    from headzoo.sweep import SweepConfig, run_sweep
+    ensure_writable(out)
+    head_list = [(h, {}) for h in heads.split(",") if h] + [parse_variant(v) for v in variant]
+    for head, _ in head_list:
+        get_head_class(head)
+    try:
+        class_list = [int(c) for c in classes.split(",")]
+    except ValueError:
+        raise HeadzooError(f"--classes expects comma-separated integers, got '{classes}'") from None
+    edges = parse_patch(patch) or (get_backbone(backbone)[1],) * 3
+    check_patch(backbone, edges)
+    parse_bytes(memory_limit)
+    arguments = ["--steps", str(steps), "--patch", "x".join(map(str, edges)), "--batch", str(batch),
+                 "--backbone", backbone, "--device", device, "--seed", str(seed), "--preset", preset,
+                 "--partial", str(partial), *(["--memory-limit", memory_limit] if memory_limit else [])]
+    key_fields = {"backbone": backbone, "patch": list(edges), "batch": batch, "seed": seed, "partial": partial,
+                  "device_name": device_name(resolve_device(device))}
+    cells = run_sweep(SweepConfig(head_list, class_list, arguments, key_fields, out, overwrite, executor, cluster),
+                      console)
+    counts = {s: sum(c.status == s for c in cells) for s in ("ok", "oom", "error", "skipped")}
+    console.print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
 @app.command()
 def leaderboard(results: Path = typer.Option(Path("results.jsonl"), help="results file (JSON lines)"),
                 out: Path = typer.Option(Path("leaderboard"), help="folder for README.md and plots")) -> None:

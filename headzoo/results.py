@@ -1,6 +1,8 @@
 """The long-format results file: one JSON line per run, keyed; written atomically."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -44,11 +46,25 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """One writer at a time (sweep cells may finish together, e.g. under submitit)."""
+    with open(path.with_name(f".{path.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def upsert_record(path: Path, record: dict) -> None:
     """Replace the row with the same key (or append), then atomically swap the file in."""
     path = Path(path)
-    key = record_key(record)
-    records = [r for r in read_records(path) if record_key(r) != key] + [record]
+    with _locked(path):
+        _rewrite(path, [r for r in read_records(path) if record_key(r) != record_key(record)] + [record])
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
     try:
         with os.fdopen(handle, "w") as out:

@@ -2,6 +2,8 @@
 from counts (bincount of prediction and truth), never from a C-channel one-hot."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch import nn
@@ -18,15 +20,13 @@ def sliding_window_output(network: nn.Module, image: torch.Tensor, patch: tuple[
     shape = tuple(image.shape[1:])
     gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
     total, weight = None, torch.zeros(shape, device=device)
-    for sx in (starts := compute_steps_for_sliding_window(shape, patch, step_size))[0]:
-        for sy in starts[1]:
-            for sz in starts[2]:
-                window = (slice(sx, sx + patch[0]), slice(sy, sy + patch[1]), slice(sz, sz + patch[2]))
-                output = network(image[(slice(None), *window)][None].to(device))[0]
-                if total is None:
-                    total = torch.zeros((output.shape[0], *shape), device=device)
-                total[(slice(None), *window)] += output * gaussian
-                weight[window] += gaussian
+    for corner in itertools.product(*compute_steps_for_sliding_window(shape, patch, step_size)):
+        window = tuple(slice(start, start + edge) for start, edge in zip(corner, patch))
+        output = network(image[(slice(None), *window)][None].to(device))[0]
+        if total is None:
+            total = torch.zeros((output.shape[0], *shape), device=device)
+        total[(slice(None), *window)] += output * gaussian
+        weight[window] += gaussian
     return total / weight
 
 

@@ -67,10 +67,13 @@ class PreparedDataset:
     def configuration(self, backbone: str):
         return self.plans_manager.get_configuration(configuration_name(backbone))
 
+    def _shapes(self) -> dict[str, list[int]]:
+        """Training case → shape after preprocessing (written by the preprocessing step)."""
+        return json.loads((self.preprocessed / "shapes.json").read_text())
+
     def volume_shape(self) -> tuple[int, ...]:
         """The smallest training volume's shape after preprocessing."""
-        shapes = [json.loads((self.preprocessed / "shapes.json").read_text())[k] for k in self.train_identifiers()]
-        return tuple(int(s) for s in np.min(np.array(shapes), axis=0))
+        return tuple(int(s) for s in np.min(np.array(list(self._shapes().values())), axis=0))
 
     @property
     def partial(self) -> bool:
@@ -96,7 +99,7 @@ class PreparedDataset:
         return weights / weights.sum()
 
     def train_identifiers(self) -> list[str]:
-        return sorted(json.loads((self.preprocessed / "shapes.json").read_text()))
+        return sorted(self._shapes())
 
 
 def _dataset_id(key: str) -> int:

@@ -72,6 +72,7 @@ def _rewrite(path: Path, records: list[dict]) -> None:
                 out.write(json.dumps(r, sort_keys=True) + "\n")
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a results file is for sharing
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -1,0 +1,50 @@
+import numpy as np
+import torch
+
+import headzoo
+from headzoo.inference import DiceCounter, sliding_window_output
+
+
+def test_sliding_window_average_of_a_pointwise_network_is_its_whole_volume_output():
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(1, 3, 1)
+    image = torch.randn(1, 32, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(sliding_window_output(network, image, (16, 16, 16)), network(image[None])[0])
+
+
+def test_averaging_the_basis_then_projecting_equals_averaging_logits():
+    """Why the chunked head may average R channels: logits are linear in the basis."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU())
+    head = headzoo.create_head("chunked", 4, 40, rank=5, chunk=7)
+    image = torch.randn(1, 24, 24, 24)
+    with torch.no_grad():
+        basis = sliding_window_output(torch.nn.Sequential(backbone, head), image, (16, 16, 16))
+        logits = sliding_window_output(torch.nn.Sequential(backbone, head,
+                                                           LogitsOf(head)), image, (16, 16, 16))
+    torch.testing.assert_close(head.logits(basis[None], slice(None))[0], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.predict(basis[None])[0], logits.argmax(0))
+
+
+class LogitsOf(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, basis):
+        return self.head.logits(basis, slice(None))
+
+
+def test_dice_from_counts_equals_per_class_formula():
+    rng = np.random.default_rng(0)
+    truth, prediction = rng.integers(0, 6, (2, 10, 10, 10))
+    truth[truth == 4] = 0  # class 4 absent from the reference
+    counter = DiceCounter(6)
+    counter.update(prediction[:5], truth[:5])
+    counter.update(prediction[5:], truth[5:])
+    expected = [2 * ((prediction == c) & (truth == c)).sum() / ((prediction == c).sum() + (truth == c).sum())
+                for c in (1, 2, 3, 5)]
+    np.testing.assert_allclose(counter.per_class()[[1, 2, 3, 5]], expected)
+    assert np.isnan(counter.per_class()[[0, 4]]).all()
+    np.testing.assert_allclose(counter.mean_foreground(), np.mean(expected))

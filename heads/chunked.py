@@ -53,10 +53,16 @@ def chunked_argmax(basis: Tensor, operator: Tensor, chunk: int) -> Tensor:
 class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
     """nnU-Net's DC_and_CE_loss (MemoryEfficientSoftDiceLoss, mean CE) on logits Eᵀ·B, streamed over class chunks.
 
-    Forward: pass 1 builds the per-voxel log-sum-exp; pass 2 the per-class sums of probabilities.
-    Backward: soft Dice through softmax needs t_v = Σ_c p_cv ∂L/∂p_cv per voxel before any chunk's
-    gradient exists, so pass 1 builds t, pass 2 forms each chunk's logit gradient and multiplies it
-    into the basis and E gradients. Target terms (one class per voxel) are gathered, not chunked.
+    Soft Dice through softmax couples all classes: ∂L/∂z_cv needs t_v = Σ_c p_cv ∂L_dice/∂p_cv. Its
+    class-sum part Σ_c β_c p_cv only needs class c's own statistics (β_c from I_c, G_c and P_c), and P_c
+    is complete as soon as chunk c's probabilities exist. So:
+
+    - forward pass 1: per-voxel log-sum-exp (online over chunks);
+    - target terms (one class per voxel) by a gather: CE, I_c and G_c;
+    - forward pass 2: per chunk, P_c → the chunk's Dice terms and β_c → accumulate Σ_c β_c p_cv;
+    - backward, one pass: per chunk, the logit gradient, multiplied into the basis and E gradients.
+
+    Per-voxel and per-class vectors only: no b×C×S tensor in forward or backward.
     """
 
     @staticmethod
@@ -70,87 +76,78 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         n = x.shape[1]
         voxels = n // b
         y = target.reshape(n).long()
-        valid = None
+        weight = None
         if ignore_label is not None:
             valid = y != ignore_label
             y = torch.where(valid, y, 0)
-        weight = valid.to(dtype) if valid is not None else None
+            weight = valid.to(dtype)
+        ones = torch.ones(n, device=x.device, dtype=dtype) if weight is None else weight
 
         lse = torch.full((n,), -math.inf, device=x.device, dtype=dtype)
         for start, stop in _chunks(num_classes, chunk):
             lse = torch.logaddexp(lse, torch.logsumexp(torch.mm(e[:, start:stop].T, x), 0))
 
-        sum_probability = torch.empty((b, num_classes), device=x.device, dtype=dtype)
-        for start, stop in _chunks(num_classes, chunk):
-            p = _probabilities(e, x, start, stop, lse)
-            if weight is not None:
-                p.mul_(weight)
-            sum_probability[:, start:stop] = p.view(stop - start, b, voxels).sum(-1).T
-
         log_p_target = torch.einsum("rn,rn->n", e[:, y], x).sub_(lse)
         p_target = log_p_target.exp()
-        sample = torch.arange(b, device=x.device).repeat_interleave(voxels)
-        flat = sample * num_classes + y
-        ones = torch.ones(n, device=x.device, dtype=dtype) if weight is None else weight
-        intersect = torch.zeros(b * num_classes, device=x.device, dtype=dtype).index_add_(
-            0, flat, p_target * ones).view(b, num_classes)
-        sum_gt = torch.zeros(b * num_classes, device=x.device, dtype=dtype).index_add_(
-            0, flat, ones).view(b, num_classes)
-
+        flat = torch.arange(b, device=x.device).repeat_interleave(voxels) * num_classes + y
+        intersect = x.new_zeros(b * num_classes).index_add_(0, flat, p_target * ones).view(b, num_classes)
+        sum_gt = x.new_zeros(b * num_classes).index_add_(0, flat, ones).view(b, num_classes)
+        if batch_dice:
+            intersect, sum_gt = intersect.sum(0), sum_gt.sum(0)
         num_valid = ones.sum()
         ce = -(log_p_target * ones).sum() / num_valid if num_valid > 0 else x.new_zeros(())
         ce_coefficient = weight_ce / num_valid if num_valid > 0 else x.new_zeros(())
 
-        if batch_dice:
-            intersect, sum_probability, sum_gt = intersect.sum(0), sum_probability.sum(0), sum_gt.sum(0)
-        raw_denominator = sum_gt + sum_probability + smooth
-        denominator = raw_denominator.clamp_min(1e-8)
-        dice = (2 * intersect + smooth) / denominator
+        # ∂(−mean dice)/∂p_cv = m_v (a_c·[y_v = c] + β_c): zero for excluded classes and clamped denominators
         first = 0 if do_bg else 1
-        terms = dice[..., first:]
-        loss = weight_ce * ce - weight_dice * terms.mean()
+        count = (num_classes - first) * (1 if batch_dice else b)
+        a, beta = torch.zeros_like(intersect), torch.zeros_like(intersect)
+        dice_sum = x.new_zeros(())
+        p_beta = x.new_zeros(n)
+        for start, stop in _chunks(num_classes, chunk):
+            p = _probabilities(e, x, start, stop, lse)
+            if weight is not None:
+                p.mul_(weight)
+            sum_p = p.view(stop - start, b, voxels).sum(-1).T
+            if batch_dice:
+                sum_p = sum_p.sum(0)
+            raw = sum_gt[..., start:stop] + sum_p + smooth
+            denominator = raw.clamp_min(1e-8)
+            numerator = 2 * intersect[..., start:stop] + smooth
+            included = (torch.arange(start, stop, device=x.device) >= first).to(dtype)
+            dice_sum += (numerator / denominator * included).sum()
+            live = (raw > 1e-8).to(dtype) * included
+            a[..., start:stop] = -2 / (count * denominator) * live
+            beta[..., start:stop] = numerator / (count * denominator ** 2) * live
+            if batch_dice:
+                p_beta += beta[start:stop] @ p
+            else:
+                for i in range(b):
+                    block = slice(i * voxels, (i + 1) * voxels)
+                    p_beta[block] += beta[i, start:stop] @ p[:, block]
+        loss = weight_ce * ce - weight_dice * dice_sum / count
 
-        # ∂(−mean dice)/∂p_cv = m_v (a_c·[y_v = c] + β_c), zero for excluded classes and clamped denominators
-        count = terms.numel()
-        live = (raw_denominator > 1e-8).to(dtype)
-        a = -2 / (count * denominator) * live
-        beta = (2 * intersect + smooth) / (count * denominator ** 2) * live
-        a[..., :first] = 0
-        beta[..., :first] = 0
         if batch_dice:
             a, beta = a.expand(b, num_classes), beta.expand(b, num_classes)
-        ctx.save_for_backward(x, e, y, lse, p_target, weight, a.contiguous(), beta.contiguous(), ce_coefficient)
-        ctx.settings = (basis.shape, basis.dtype, operator.dtype, chunk, batch_dice, weight_dice)
+        ctx.save_for_backward(x, e, y, lse, p_target, weight, a.contiguous(), beta.contiguous(), p_beta,
+                              ce_coefficient)
+        ctx.settings = (basis.shape, basis.dtype, operator.dtype, chunk, weight_dice)
         return loss.to(basis.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        x, e, y, lse, p_target, weight, a, beta, ce_coefficient = ctx.saved_tensors
-        basis_shape, basis_dtype, operator_dtype, chunk, batch_dice, weight_dice = ctx.settings
+        x, e, y, lse, p_target, weight, a, beta, p_beta, ce_coefficient = ctx.saved_tensors
+        basis_shape, basis_dtype, operator_dtype, chunk, weight_dice = ctx.settings
         b = basis_shape[0]
         rank, n = x.shape
         voxels = n // b
         num_classes = e.shape[1]
         g = grad_output.to(x.dtype)
-        sample = torch.arange(b, device=x.device).repeat_interleave(voxels)
-        a_target = a[sample, y]
+        a_target = a[torch.arange(b, device=x.device).repeat_interleave(voxels), y]
+        ones = torch.ones_like(p_target) if weight is None else weight
+        t = ones * a_target * p_target + p_beta  # Σ_c p_cv ∂L_dice/∂p_cv (p_beta is already masked)
 
-        # pass 1: t_v = Σ_c p_cv ∂L_dice/∂p_cv = m_v (a_{y_v} p_{y_v,v} + Σ_c p_cv β_c)
-        p_beta = torch.zeros(n, device=x.device, dtype=x.dtype)
-        for start, stop in _chunks(num_classes, chunk):
-            p = _probabilities(e, x, start, stop, lse)
-            if batch_dice:
-                p_beta += beta[0, start:stop] @ p
-            else:
-                for i in range(b):
-                    block = slice(i * voxels, (i + 1) * voxels)
-                    p_beta[block] += beta[i, start:stop] @ p[:, block]
-        t = a_target * p_target + p_beta
-        ones = torch.ones_like(t) if weight is None else weight
-        if weight is not None:
-            t.mul_(weight)
-
-        # pass 2: ∂L/∂z_cv = p_cv (m_v w_ce/N − w_dice t_v + w_dice m_v β_c) + [y_v = c] m_v (w_dice a_c p_cv − w_ce/N)
+        # ∂L/∂z_cv = p_cv (m_v w_ce/N − w_dice t_v + w_dice m_v β_c) + [y_v = c] m_v (w_dice a_c p_cv − w_ce/N)
         per_voxel = g * (ce_coefficient * ones - weight_dice * t)
         per_class = (g * weight_dice) * beta
         grad_x = torch.zeros_like(x)

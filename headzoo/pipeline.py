@@ -277,8 +277,8 @@ def training_loader(prepared: PreparedDataset, patch: tuple[int, ...], batch: in
     np.random.seed(seed)
     torch.manual_seed(seed)
     loader = nnUNetDataLoader(dataset, batch, initial_patch, patch, prepared.label_manager,
-                              oversample_foreground_percent=0.33, sampling_probabilities=prepared.sampling_probabilities(),
-                              transforms=transforms)
+                              oversample_foreground_percent=0.33,
+                              sampling_probabilities=prepared.sampling_probabilities(), transforms=transforms)
     loader.rs = np.random.RandomState(seed)
     return loader
 

@@ -5,7 +5,7 @@ import inspect
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -132,9 +132,10 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
     prepared = prepare(config)
     options = head_options(config, prepared)
     record = {"schema_version": SCHEMA_VERSION, "head": config.head, "options": config.options,
-              "classes": config.classes, "partial": config.partial, "backbone": config.backbone, "patch": list(config.patch),
-              "batch": config.batch, "seed": config.seed, "steps": config.steps, "warmup": config.warmup,
-              "dataset": prepared.name, "options_resolved": options, **environment(device), "status": "ok", "error": None}
+              "classes": config.classes, "partial": config.partial, "backbone": config.backbone,
+              "patch": list(config.patch), "batch": config.batch, "seed": config.seed, "steps": config.steps,
+              "warmup": config.warmup, "dataset": prepared.name, "options_resolved": options,
+              **environment(device), "status": "ok", "error": None}
     torch.manual_seed(config.seed)
     backbone, features = build_backbone(config.backbone, len(prepared.dataset_json["channel_names"]), config.seed)
     head = create_head(config.head, features, config.classes, **options)

@@ -6,7 +6,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HEADZOO_CACHE", str(Path(tempfile.gettempdir()) / "headzoo-test-cache"))
+# a fresh cache per test session (set HEADZOO_CACHE to reuse one across sessions)
+os.environ.setdefault("HEADZOO_CACHE", tempfile.mkdtemp(prefix="headzoo-test-cache-"))
 os.environ["nnUNet_n_proc_DA"] = "0"
 
 PLUGIN_SOURCE = Path(__file__).parent / "plugin_dist"

@@ -1,10 +1,8 @@
 """`headzoo run` end to end (plug-in included) and its handling of bad input, as a user runs it."""
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

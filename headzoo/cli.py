@@ -106,9 +106,9 @@ def run(head: str = typer.Option(..., help="a registered head (see `headzoo head
     from headzoo.runner import RunConfig, run as run_head
     config = RunConfig(head=head, classes=classes, steps=steps, patch=parse_patch(patch), batch=batch,
                        backbone=backbone, device=device, seed=seed, preset=preset, dataset=dataset, partial=partial,
-                       options=dict(parse_option(o) for o in option))
+                       memory_limit=parse_bytes(memory_limit), options=dict(parse_option(o) for o in option))
     ensure_writable(out)
-    apply_memory_limit(parse_bytes(memory_limit), device)
+    apply_memory_limit(config.memory_limit, device)
     record = run_head(config, show_progress=not as_json)
     upsert_record(out, record)
     if as_json:
@@ -153,11 +153,12 @@ def sweep(heads: str = typer.Option("dense,chunked,sigmoid,knn", help="comma-sep
         raise HeadzooError(f"--classes expects comma-separated integers, got '{classes}'") from None
     edges = parse_patch(patch) or (get_backbone(backbone)[1],) * 3
     check_patch(backbone, edges)
-    parse_bytes(memory_limit)
+    limit_bytes = parse_bytes(memory_limit)
     arguments = ["--steps", str(steps), "--patch", "x".join(map(str, edges)), "--batch", str(batch),
                  "--backbone", backbone, "--device", device, "--seed", str(seed), "--preset", preset,
                  "--partial", str(partial), *(["--memory-limit", memory_limit] if memory_limit else [])]
-    key_fields = {"backbone": backbone, "patch": list(edges), "batch": batch, "seed": seed, "partial": partial,
+    key_fields = {"backbone": backbone, "patch": list(edges), "batch": batch, "steps": steps, "seed": seed,
+                  "partial": partial, "memory_limit_bytes": limit_bytes,
                   "device_name": device_name(resolve_device(device))}
     cells = run_sweep(SweepConfig(head_list, class_list, arguments, key_fields, out, overwrite, executor, cluster),
                       console)

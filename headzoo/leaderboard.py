@@ -22,9 +22,38 @@ def _label(row) -> str:
     return row["head"] + (" " + " ".join(f"{k}={v}" for k, v in sorted(options.items())) if options else "")
 
 
+def _partial(row) -> int:
+    value = row.get("partial")
+    return 1 if value is None or pd.isna(value) else int(value)
+
+
+def _memory_limit(row) -> int | None:
+    value = row.get("memory_limit_bytes")
+    return None if value is None or pd.isna(value) else int(value)
+
+
 def _settings(row) -> str:
+    partial, limit = _partial(row), _memory_limit(row)
     return (f"backbone {row['backbone']}, patch {'x'.join(map(str, row['patch']))}, batch {row['batch']}, "
-            f"{row['steps']} steps, seed {row['seed']}")
+            f"{row['steps']} steps, seed {row['seed']}"
+            + (f", partial labels from {partial} sources" if partial > 1 else "")
+            + (f", memory budget {format_bytes(limit)}" if limit else ""))
+
+
+def _sweep_command(group: pd.DataFrame) -> str:
+    """The one `headzoo sweep` command that reproduces a group of cells."""
+    first = group.iloc[0]
+    plain = sorted({r["head"] for _, r in group.iterrows() if not r["options"]})
+    variants = sorted({r["head"] + ":" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(r["options"].items()))
+                       for _, r in group.iterrows() if r["options"]})
+    limit = _memory_limit(first)
+    return (f"headzoo sweep --heads {','.join(plain) or chr(34) * 2}"
+            + "".join(f" --variant {v}" for v in variants)
+            + f" --classes {','.join(str(c) for c in sorted(group['classes'].unique()))}"
+            + f" --steps {first['steps']} --patch {'x'.join(map(str, first['patch']))} --batch {first['batch']}"
+            + f" --backbone {first['backbone']} --seed {first['seed']}"
+            + (f" --partial {_partial(first)}" if _partial(first) > 1 else "")
+            + (f" --memory-limit {limit // 2**30}GiB" if limit else ""))
 
 
 def _cell(row, column, formatter) -> str:
@@ -46,6 +75,8 @@ def _plot(frame: pd.DataFrame, column: str, title: str, log: bool, path: Path) -
     if log:
         axis.set_yscale("log")
     axis.set_xlabel("classes C")
+    axis.set_ylabel({"dice_mean": "mean foreground Dice", "peak_memory_bytes": "bytes",
+                     "step_time_median_s": "seconds"}[column])
     axis.set_title(title)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
@@ -81,12 +112,9 @@ def render(results: Path, out: Path) -> Path:
             image = f"{column}_{index}.png"
             _plot(group, column, f"{title} — {device}", log, out / image)
             lines += ["", f"![{title}]({image})", ""]
-        commands = sorted({f"headzoo run --head {r['head']} --classes {r['classes']} --backbone {r['backbone']} "
-                           f"--patch {'x'.join(map(str, r['patch']))} --batch {r['batch']} --steps {r['steps']} "
-                           f"--seed {r['seed']}" + "".join(f" --option {k}={json.dumps(v)}" for k, v in
-                                                             sorted((r['options'] or {}).items()))
-                           for _, r in group.iterrows()})
-        lines += ["Reproduce (one command per cell):", "", "```bash", *commands, "```", ""]
+        machines = sorted({f"{r['host']} ({r['device_name']}, torch {r['torch']})" for _, r in group.iterrows()
+                           if isinstance(r.get("host"), str)})
+        lines += [f"Ran on {', '.join(machines)}. Reproduce:", "", "```bash", _sweep_command(group), "```", ""]
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     return readme

@@ -13,7 +13,8 @@ import pandas as pd
 from headzoo.errors import HeadzooError
 
 SCHEMA_VERSION = 1
-KEY_FIELDS = ("head", "options", "classes", "partial", "backbone", "patch", "batch", "device_name", "seed")
+# DESIGN.md's key, plus `partial` (partially labelled data) and `steps` (they change what is measured)
+KEY_FIELDS = ("head", "options", "classes", "partial", "backbone", "patch", "batch", "steps", "device_name", "seed")
 
 
 def record_key(record: dict) -> str:

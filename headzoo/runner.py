@@ -40,6 +40,7 @@ class RunConfig:
     preset: str = "small"
     dataset: Path | None = None           # an nnU-Net raw dataset folder instead of the toy
     partial: int = 1                      # toy training volumes from this many partially labelled sources
+    memory_limit: int | None = None       # bytes; applied to the process by the CLI, recorded here
     warmup: int = 3
     options: dict = field(default_factory=dict)
 
@@ -134,7 +135,8 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
     record = {"schema_version": SCHEMA_VERSION, "head": config.head, "options": config.options,
               "classes": config.classes, "partial": config.partial, "backbone": config.backbone,
               "patch": list(config.patch), "batch": config.batch, "seed": config.seed, "steps": config.steps,
-              "warmup": config.warmup, "dataset": prepared.name, "options_resolved": options,
+              "warmup": config.warmup, "memory_limit_bytes": config.memory_limit, "dataset": prepared.name,
+              "options_resolved": options,
               **environment(device), "status": "ok", "error": None}
     torch.manual_seed(config.seed)
     backbone, features = build_backbone(config.backbone, len(prepared.dataset_json["channel_names"]), config.seed)
@@ -145,9 +147,9 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
     network = SegmentationNetwork(backbone, head).to(device)
     try:
         record.update(_train_and_evaluate(config, prepared, network, device, show_progress))
+    except HeadzooError:
+        raise  # bad input found late (e.g. labels outside [0, C)): no record
     except Exception as error:
-        if isinstance(error, HeadzooError):
-            raise
         record["status"] = "oom" if is_out_of_memory(error) else "error"
         record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
     record["wall_time_s"] = time.perf_counter() - started

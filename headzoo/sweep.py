@@ -42,7 +42,7 @@ class SweepConfig:
     heads: list[tuple[str, dict]]
     classes: list[int]
     run_arguments: list[str]        # shared `headzoo run` arguments (patch, batch, steps, ...)
-    key_fields: dict                # backbone, patch, batch, seed, partial, device_name: the rest of a row's key
+    key_fields: dict                # fields every row carries besides head/options/classes (key included)
     out: Path
     overwrite: bool = False
     executor: str = "local"

@@ -22,3 +22,13 @@ def test_rendering_is_deterministic_and_shows_oom(tmp_path):
     assert all(first[name] == second[name] for name in first)
     readme = first["README.md"].decode()
     assert "| dense | 0.500 | `oom` |" in readme and "| chunked | 0.400 | 0.100 |" in readme
+
+
+def test_runs_that_differ_in_steps_or_partial_labels_are_different_rows(tmp_path):
+    from headzoo.results import read_records, upsert_record
+    path = tmp_path / "results.jsonl"
+    base = {**_record("dense", 10), "partial": 1}
+    for record in (base, {**base, "steps": 500}, {**base, "partial": 3}, {**base, "dice_mean": 0.9}):
+        upsert_record(path, record)
+    assert [(r["steps"], r["partial"], r["dice_mean"]) for r in read_records(path)] == [
+        (500, 1, None), (60, 3, None), (60, 1, 0.9)]

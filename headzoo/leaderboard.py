@@ -91,6 +91,9 @@ def render(results: Path, out: Path) -> Path:
     if frame.empty:
         raise HeadzooError(f"{results} holds no results")
     out.mkdir(parents=True, exist_ok=True)
+    for column, *_ in METRICS:  # plots of groups that no longer exist must not linger
+        for stale in out.glob(f"{column}_*.png"):
+            stale.unlink()
     frame["label"] = frame.apply(_label, axis=1)
     frame["settings"] = frame.apply(_settings, axis=1)
     lines = ["# headzoo leaderboard", "",

@@ -62,6 +62,9 @@ def check_patch(name: str, patch: tuple[int, ...]) -> None:
     if any(p % factor for p in patch):
         raise HeadzooError(f"patch {'x'.join(map(str, patch))} must be divisible by {factor} "
                            f"for the '{name}' backbone")
+    if min(patch) < 2 * factor:  # instance norm needs more than one voxel at the bottleneck
+        raise HeadzooError(f"patch {'x'.join(map(str, patch))} is too small for the '{name}' backbone: "
+                           f"each edge must be at least {2 * factor}")
 
 
 class SegmentationNetwork(nn.Module):

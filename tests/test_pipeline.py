@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 import headzoo
-from headzoo.backbone import SegmentationNetwork, build_backbone
+from headzoo.backbone import SegmentationNetwork, build_backbone, check_patch
+from headzoo.errors import HeadzooError
 from headzoo.pipeline import configuration_name, prepare_toy, training_loader
 
 
@@ -45,3 +47,15 @@ def test_partial_labels_travel_from_loader_to_mask_with_multitalent_sampling():
         present = set(batch["target"][row].unique().tolist()) - {0}
         assert all(mask[row, c] for c in present) and mask[row, 0]
         assert mask[row].sum() == 1 + len(info["source_classes"][info["case_sources"][key]])
+
+
+def test_every_backbone_preset_builds_and_keeps_full_resolution():
+    from headzoo.backbone import BACKBONES
+    for name, (_, default_patch) in BACKBONES.items():
+        edge = min(default_patch, 64)  # the smallest patch each preset accepts is 2 × its downsampling
+        check_patch(name, (edge,) * 3)
+        backbone, features = build_backbone(name, 1, seed=0)
+        with torch.no_grad():
+            assert backbone(torch.randn(1, 1, edge, edge, edge)).shape == (1, features, edge, edge, edge)
+    with pytest.raises(HeadzooError, match="too small"):
+        check_patch("resenc-m", (32, 32, 32))

@@ -16,8 +16,9 @@ def test_rendering_is_deterministic_and_shows_oom(tmp_path):
                _record("chunked", 10, dice=0.4, memory=2**19, time=0.2),
                _record("chunked", 1000, dice=0.1, memory=2**19, time=0.3)]
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "board"
     first, second = ({p.name: p.read_bytes() for p in [render(results, out), *out.glob("*.png")]}
-                     for out in (tmp_path / "a" / "board", tmp_path / "b" / "board"))
+                     for _ in range(2))
     assert first.keys() == second.keys() and len(first) == 4
     assert all(first[name] == second[name] for name in first)
     readme = first["README.md"].decode()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -51,16 +52,17 @@ class PreparedDataset:
     def preprocessed(self) -> Path:
         return nnunet_preprocessed() / self.name
 
-    @property
+    # built once per dataset: the training loop asks for them every step (annotated masks)
+    @functools.cached_property
     def num_classes(self) -> int:
         return len(self.label_manager.foreground_labels) + 1
 
-    @property
+    @functools.cached_property
     def plans_manager(self):
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
         return PlansManager(self.plans)
 
-    @property
+    @functools.cached_property
     def label_manager(self):
         return self.plans_manager.get_label_manager(self.dataset_json)
 

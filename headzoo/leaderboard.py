@@ -8,19 +8,18 @@ from pathlib import Path
 import pandas as pd
 
 from headzoo.errors import HeadzooError
-from headzoo.report import format_bytes, format_seconds
+from headzoo.report import format_bytes, format_seconds, head_label
 from headzoo.results import load_results
 
-METRICS = [  # column, title, better, formatter, log scale
-    ("dice_mean", "Dice ↑", "higher", lambda v: f"{v:.3f}", False),
-    ("peak_memory_bytes", "Peak memory of a training step ↓", "lower", format_bytes, True),
-    ("step_time_median_s", "Step time (median) ↓", "lower", format_seconds, True),
+METRICS = [  # column, title (↑/↓: which way is better), formatter, log scale
+    ("dice_mean", "Dice ↑", lambda v: f"{v:.3f}", False),
+    ("peak_memory_bytes", "Peak memory of a training step ↓", format_bytes, True),
+    ("step_time_median_s", "Step time (median) ↓", format_seconds, True),
 ]
 
 
 def _label(row) -> str:
-    options = row["options"] or {}
-    return row["head"] + (" " + " ".join(f"{k}={v}" for k, v in sorted(options.items())) if options else "")
+    return head_label(row["head"], row["options"])
 
 
 def _partial(row) -> int:
@@ -108,7 +107,7 @@ def render(results: Path, out: Path) -> Path:
     for index, ((device, settings), group) in enumerate(groups):
         lines += [f"## {device} · {settings}", ""]
         classes = sorted(group["classes"].unique())
-        for column, title, _, formatter, log in METRICS:
+        for column, title, formatter, log in METRICS:
             lines += [f"### {title}", "", "| head | " + " | ".join(f"C={c}" for c in classes) + " |",
                       "|---|" + "---|" * len(classes)]
             for label, rows in sorted(group.groupby("label"), key=lambda item: item[0]):

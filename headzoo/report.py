@@ -16,6 +16,11 @@ def format_bytes(value: float | None) -> str:
         value /= 1024
 
 
+def head_label(head: str, options: dict | None) -> str:
+    """'sigmoid rank=32': a head with the options it was run with."""
+    return " ".join([head, *(f"{k}={v}" for k, v in sorted((options or {}).items()))])
+
+
 def format_seconds(value: float | None) -> str:
     return "–" if value is None else f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 

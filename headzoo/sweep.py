@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 
 from headzoo.errors import HeadzooError
-from headzoo.report import format_bytes, format_seconds
+from headzoo.report import format_bytes, format_seconds, head_label
 from headzoo.results import SCHEMA_VERSION, read_records, record_key, upsert_record
 
 
@@ -34,7 +34,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return self.head + "".join(f" {k}={v}" for k, v in sorted(self.options.items()))
+        return head_label(self.head, self.options)
 
 
 @dataclass

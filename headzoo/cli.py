@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from headzoo.errors import HeadzooError
+from headzoo.errors import OUT_OF_MEMORY_EXIT, HeadzooError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Segmentation heads for thousands of classes, side by side on one nnU-Net backbone.")
@@ -53,6 +53,8 @@ def with_run_settings(sweep: bool = False):
                         continue  # not given: the RunConfig default
                     try:
                         value = s.parse(value)
+                    except HeadzooError:
+                        raise
                     except ValueError:
                         raise HeadzooError(f"{s.flag}: cannot read '{value}'") from None
                 settings[f.name] = value
@@ -159,7 +161,8 @@ def leaderboard(results: Path = typer.Option(Path("results.jsonl"), help="result
 
 
 def main() -> None:
-    """Entry point: bad input becomes one line on stderr and exit status 2 (HEADZOO_DEBUG=1 for the traceback)."""
+    """Entry point: bad input becomes one line on stderr and exit status 2 (HEADZOO_DEBUG=1 for the traceback);
+    running out of memory outside the training step, exit status 3."""
     try:
         app()
     except HeadzooError as error:
@@ -167,3 +170,7 @@ def main() -> None:
             traceback.print_exc()
         print(f"headzoo: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except MemoryError:  # e.g. --memory-limit below what importing torch and nnU-Net takes
+        print("headzoo: error: out of memory before training (is --memory-limit below the import footprint?)",
+              file=sys.stderr)
+        sys.exit(OUT_OF_MEMORY_EXIT)

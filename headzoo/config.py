@@ -102,7 +102,7 @@ class RunConfig:
     batch: int = setting("batch size", "--batch", 2, title=lambda v: f"batch {v}")
     steps: int = setting("training steps (warm-up, 1 memory step, the rest timed)", "--steps", 60,
                          title=lambda v: f"{v} steps")
-    seed: int = setting("seed of data, weights and sampling", "--seed", 0, sweep=False, title=lambda v: f"seed {v}")
+    seed: int = setting("seed of data, weights and sampling", "--seed", 0, sweep=False)  # seeds share a group
     partial: int = setting("K > 1: partially labelled toy data from K sources (MultiTalent)", "--partial", 1,
                            title=lambda v: f"partial labels from {v} sources" if v and v > 1 else None)
     memory_limit_bytes: int | None = setting("memory budget, e.g. 16GiB (CPU: address space; CUDA: allocator)",

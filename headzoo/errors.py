@@ -2,6 +2,9 @@
 names when a head breaks its contract at run time."""
 
 
+OUT_OF_MEMORY_EXIT = 3  # `headzoo run` ran out of memory outside the training step; the sweep records `oom`
+
+
 class HeadzooError(ValueError):
     """Bad input or an unusable environment, said in one line."""
 

@@ -27,6 +27,7 @@ from headzoo.locking import file_lock
 from headzoo.paths import cache_root, nnunet_preprocessed, nnunet_raw
 from headzoo.progress import progress_bar
 from headzoo.toy import get_preset, write_toy_dataset
+from headzoo.validation import verify_raw_dataset
 
 PLANS_NAME = "headzooPlans"
 READY_MARKER = "headzoo_ready.json"
@@ -255,13 +256,15 @@ def prepare_folder(folder: Path) -> PreparedDataset:
     """A dataset already in nnU-Net raw format (e.g. from `headzoo toy --out`), linked into the cache and
     preprocessed once per content fingerprint: a changed folder is preprocessed again."""
     folder = Path(folder).resolve()
-    validate_raw_dataset(folder)
+    dataset_json = validate_raw_dataset(folder)
     key = f"{folder}:{folder_fingerprint(folder)}"
     name = f"Dataset{_dataset_id(key)}_{''.join(c if c.isalnum() else '_' for c in folder.name)}"
     with _lock(name):
         link = nnunet_raw() / name
         if not link.exists():
             link.symlink_to(folder, target_is_directory=True)
+        if not (nnunet_preprocessed() / name / READY_MARKER).is_file():
+            verify_raw_dataset(folder, dataset_json)
         try:
             return _ensure_preprocessed(name)
         except HeadzooError:

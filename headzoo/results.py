@@ -88,6 +88,7 @@ def upsert_record(path: Path, record: dict) -> None:
     """Replace the row with the same key (and a crash row of the same cell whose device was unknown), or
     append; then atomically swap the file in."""
     target = Path(path).resolve()  # write through a symlink to the shared file it points at
+    record = migrate(record)
     key, loose = record_key(record), record_key(record, ignore_device=True)
 
     def replaced(row: dict) -> bool:

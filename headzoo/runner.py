@@ -1,7 +1,9 @@
 """Train one head on the shared backbone and pipeline, measure it, and return one result record."""
 from __future__ import annotations
 
+import errno
 import platform
+import shutil
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -15,6 +17,7 @@ from headzoo.config import TOY_CLASSES, RunConfig, new_run_id, to_record
 from headzoo.errors import HeadzooError
 from headzoo.head import PLAN_OPTIONS
 from headzoo.measure import is_out_of_memory
+from headzoo.paths import require_cache
 from headzoo.pipeline import PreparedDataset, folder_fingerprint, prepare_folder, prepare_toy
 from headzoo.registry import create_head, get_head_class
 from headzoo.results import SCHEMA_VERSION
@@ -70,6 +73,21 @@ def validate(config: RunConfig) -> torch.device:
 
 
 def prepare(config: RunConfig) -> PreparedDataset:
+    """The run's dataset, generated or validated and preprocessed (cached); a full disk is one line."""
+    root = require_cache()
+    try:
+        return _prepare(config)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise HeadzooError(f"no space left on {root} (HEADZOO_CACHE) while preparing the dataset") from None
+        raise
+    except RuntimeError:  # nnU-Net's blosc2 writer says "Error while creating the NDArray" when full
+        if shutil.disk_usage(root).free < 2**26:
+            raise HeadzooError(f"no space left on {root} (HEADZOO_CACHE) while preparing the dataset") from None
+        raise
+
+
+def _prepare(config: RunConfig) -> PreparedDataset:
     if config.dataset_folder is not None:
         prepared = prepare_folder(config.dataset_folder)
         if config.classes not in (None, prepared.num_classes):

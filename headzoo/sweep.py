@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 
 from headzoo.config import RunConfig, new_run_id, to_argv, to_record
-from headzoo.errors import HeadzooError
+from headzoo.errors import OUT_OF_MEMORY_EXIT, HeadzooError
 from headzoo.report import format_bytes, format_seconds, head_label
 from headzoo.results import SCHEMA_VERSION, read_records, record_key, upsert_record
 
@@ -111,7 +111,7 @@ def _finish(config: SweepConfig, cell: Cell, status_code: int, stderr: str) -> N
         return
     message = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {status_code}"
     killed = status_code in (-signal.SIGKILL, 137)
-    cell.status = "oom" if killed else "error"
+    cell.status = "oom" if killed or status_code == OUT_OF_MEMORY_EXIT else "error"
     cell.message = "killed (out of memory)" if killed else message
     cell.record = {"schema_version": SCHEMA_VERSION, **cell.identity, "status": cell.status, "error": cell.message}
     upsert_record(config.out, cell.record)

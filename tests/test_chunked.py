@@ -94,6 +94,7 @@ def test_rank_above_class_count_is_rejected():
         headzoo.create_head("chunked", 4, 10, rank=11)
 
 
+@pytest.mark.slow
 def test_never_holds_a_b_by_c_by_s_tensor():
     """Peak live tensor bytes of forward + backward stay far below one b×C×S float tensor."""
     from torch.distributed._tools.mem_tracker import MemTracker

@@ -47,7 +47,8 @@ def test_rerun_replaces_its_own_row(tmp_path):
 BAD_INPUT = [
     (["--head", "dense", "--classes", "1"], "--classes must be at least 2"),
     (["--head", "dense", "--classes", "5", "--device", "tpu"], "unknown device 'tpu'"),
-    (["--head", "dense", "--classes", "5", "--patch", "64"], "larger than the volumes"),
+    pytest.param(["--head", "dense", "--classes", "5", "--patch", "64"], "larger than the volumes",
+                 marks=pytest.mark.slow),  # prepares the toy in-process
     (["--head", "dense", "--classes", "5", "--patch", "20"], "must be divisible by 8"),
     (["--head", "densse", "--classes", "5"], "did you mean 'dense'"),
     (["--head", "chunked", "--classes", "5", "--option", "rank=9"], "rank must be in"),

@@ -66,6 +66,7 @@ def test_logits_shape(head):
         assert head.logits(head(features), slice(2, 7)).shape == (B, 5, *SPATIAL)
 
 
+@pytest.mark.slow  # MemTracker over C=2000 in chunks: tens of seconds per head
 def test_compact_heads_never_hold_b_by_c_by_s(variant):
     name, options = variant
     head = headzoo.create_head(name, F, 2000, **options)

@@ -22,6 +22,14 @@ def flatten_basis(basis: Tensor) -> Tensor:
     return basis.detach().reshape(b, rank, -1).transpose(0, 1).reshape(rank, -1)
 
 
+def chunked_logsumexp(operator: Tensor, x: Tensor, chunk: int) -> Tensor:
+    """log Σ_c exp (Eᵀ·x)_c per voxel (N,), online over class chunks."""
+    lse = torch.full((x.shape[1],), -math.inf, device=x.device, dtype=x.dtype)
+    for start, stop in chunks(operator.shape[1], chunk):
+        lse = torch.logaddexp(lse, torch.logsumexp(torch.mm(operator[:, start:stop].T, x), 0))
+    return lse
+
+
 def probabilities(operator: Tensor, x: Tensor, start: int, stop: int, lse: Tensor,
                   weight: Tensor | None = None) -> Tensor:
     """Softmax probabilities of classes [start, stop) for every voxel, (k, N), computed in place;

@@ -6,6 +6,7 @@ class chunks and keeps only per-voxel and per-class vectors, never a b×C×S ten
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -156,15 +157,48 @@ def chunked_dc_and_ce_loss(basis: Tensor, operator: Tensor, target: Tensor, chun
                                           weight_ce, weight_dice, ignore_label)
 
 
+def _triton_kernels():
+    """heads/chunked_triton.py, imported on first use (it needs triton): one clear line when it cannot be."""
+    try:
+        from headzoo.heads import chunked_triton
+    except ImportError as error:
+        message = f"kernel=triton needs triton ({error}); install it with: pip install 'headzoo[triton]'"
+        raise HeadzooError(message) from None
+    return chunked_triton
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        _triton_kernels()
+    except HeadzooError:
+        return False
+    return True
+
+
+def _cpu_triton_error() -> HeadzooError:
+    return HeadzooError("kernel=triton runs on CUDA tensors, or on the CPU under Triton's interpreter: "
+                        "set TRITON_INTERPRET=1 before headzoo starts")
+
+
 class ChunkedHead(Head):
-    """Low-rank basis (R maps) + operator E; exact chunked softmax CE + Dice; chunked argmax."""
+    """Low-rank basis (R maps) + operator E; exact chunked softmax CE + Dice; chunked argmax.
+
+    kernel: ``torch`` (the chunked loop above), ``triton`` (heads/chunked_triton.py's fused kernels;
+    ``chunk`` does not apply) or ``auto`` (triton on CUDA tensors when triton imports, else torch).
+    """
 
     variants = ({"rank": 3, "chunk": 4},)
 
     def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
                  ignore_label: int | None = None, rank: int | None = None, chunk: int = 30, do_bg: bool = False,
-                 smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0):
+                 smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0, kernel: str = "auto"):
         super().__init__(in_channels, num_classes, batch_dice, ignore_label)
+        if kernel not in ("torch", "triton", "auto"):
+            raise HeadzooError(f"kernel must be torch, triton or auto, got '{kernel}'")
+        if kernel == "triton" and not _triton_kernels().INTERPRETED and not torch.cuda.is_available():
+            raise _cpu_triton_error()
+        self.kernel = kernel
         rank = min(32, num_classes) if rank is None else rank
         if not 1 <= rank <= num_classes:
             raise HeadzooError(f"rank must be in [1, {num_classes}] (at most C), got {rank}")
@@ -181,7 +215,17 @@ class ChunkedHead(Head):
 
     def loss(self, output: Tensor, target: Tensor, annotated: Tensor | None = None) -> Tensor:
         self.check_target(output, target, annotated)
+        if self._uses_triton(output):
+            return _triton_kernels().triton_chunked_dc_and_ce_loss(output, self.operator, target,
+                                                                   **self.loss_settings)
         return chunked_dc_and_ce_loss(output, self.operator, target, self.chunk, **self.loss_settings)
+
+    def _uses_triton(self, output: Tensor) -> bool:
+        if self.kernel == "auto":
+            return output.is_cuda and _triton_imports()
+        if self.kernel == "triton" and not output.is_cuda and not _triton_kernels().INTERPRETED:
+            raise _cpu_triton_error()
+        return self.kernel == "triton"
 
     def predict(self, output: Tensor) -> Tensor:
         return chunked_argmax(output, self.operator, self.chunk)

@@ -69,8 +69,18 @@ def _logit_gradient(p, hit, per_voxel, per_class, target_slope, target_offset):
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    """a·b with fp32 accumulation. UPCAST_BF16: Triton 3.7's interpreter multiplies bf16 bit patterns as
+    integers, so there bf16 tiles go to fp32 first (exact), which is what a GPU's bf16 dot computes."""
+    if UPCAST_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _lse_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, target_logit_ptr, S, R, C, BLOCK_V: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST_BF16: tl.constexpr):
     block, sample = tl.program_id(0), tl.program_id(1)
     offs_v = block * BLOCK_V + tl.arange(0, BLOCK_V)
     xt = _basis_tile(x_ptr, sample, offs_v, S, R, BLOCK_R)
@@ -80,7 +90,7 @@ def _lse_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, target_logit_ptr, S, R, C, BLOCK_V
     target_logit = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, C, BLOCK_C):
         offs_c = start + tl.arange(0, BLOCK_C)
-        z = tl.dot(xt, _operator_tile(e_ptr, offs_c, R, C, BLOCK_R), input_precision=PRECISION)
+        z = _dot(xt, _operator_tile(e_ptr, offs_c, R, C, BLOCK_R), PRECISION, UPCAST_BF16)
         z = tl.where(offs_c[None, :] < C, z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, 1))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), 1)
@@ -93,7 +103,8 @@ def _lse_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, target_logit_ptr, S, R, C, BLOCK_V
 
 @triton.jit
 def _class_sums_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, sums_ptr, S, R, C, splits, BLOCK_V: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                       UPCAST_BF16: tl.constexpr):
     """sums[k, sample, split, c] for k = (Σ m·p, Σ m·p·[y = c], Σ m·[y = c]) over the split's voxel blocks."""
     tile, split, sample = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -104,7 +115,7 @@ def _class_sums_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, sums_ptr, S, R, C, splits, 
     for block in range(split, tl.cdiv(S, BLOCK_V), splits):
         offs_v = block * BLOCK_V + tl.arange(0, BLOCK_V)
         y, valid_v, lse = _voxel_block(y_ptr, lse_ptr, sample, offs_v, S)
-        z = tl.dot(_basis_tile(x_ptr, sample, offs_v, S, R, BLOCK_R), e, input_precision=PRECISION)
+        z = _dot(_basis_tile(x_ptr, sample, offs_v, S, R, BLOCK_R), e, PRECISION, UPCAST_BF16)
         p = _masked_probabilities(z, lse, valid_v, offs_c, C)
         hit = offs_c[None, :] == y[:, None]
         sum_p += tl.sum(p, 0)
@@ -119,7 +130,8 @@ def _class_sums_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, sums_ptr, S, R, C, splits, 
 
 @triton.jit
 def _dice_slope_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, a_ptr, beta_ptr, t_ptr, S, R, C, BLOCK_V: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                       UPCAST_BF16: tl.constexpr):
     """t_v = Σ_c m·p_cv (β_c + a_c·[y_v = c]) = Σ_c p_cv ∂L_dice/∂p_cv, with a, β of the voxel's sample."""
     block, sample = tl.program_id(0), tl.program_id(1)
     offs_v = block * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -128,7 +140,7 @@ def _dice_slope_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, a_ptr, beta_ptr, t_ptr, S, 
     t = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, C, BLOCK_C):
         offs_c = start + tl.arange(0, BLOCK_C)
-        z = tl.dot(xt, _operator_tile(e_ptr, offs_c, R, C, BLOCK_R), input_precision=PRECISION)
+        z = _dot(xt, _operator_tile(e_ptr, offs_c, R, C, BLOCK_R), PRECISION, UPCAST_BF16)
         p = _masked_probabilities(z, lse, valid_v, offs_c, C)
         a = tl.load(a_ptr + sample * C + offs_c, mask=offs_c < C, other=0.0)
         beta = tl.load(beta_ptr + sample * C + offs_c, mask=offs_c < C, other=0.0)
@@ -139,7 +151,8 @@ def _dice_slope_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, a_ptr, beta_ptr, t_ptr, S, 
 @triton.jit
 def _grad_basis_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, per_voxel_ptr, per_class_ptr, target_slope_ptr,
                        target_offset_ptr, grad_x_ptr, S, R, C, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                       UPCAST_BF16: tl.constexpr):
     block, sample = tl.program_id(0), tl.program_id(1)
     offs_v = block * BLOCK_V + tl.arange(0, BLOCK_V)
     xt = _basis_tile(x_ptr, sample, offs_v, S, R, BLOCK_R)
@@ -150,12 +163,12 @@ def _grad_basis_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, per_voxel_ptr, per_class_pt
     for start in range(0, C, BLOCK_C):
         offs_c = start + tl.arange(0, BLOCK_C)
         e = _operator_tile(e_ptr, offs_c, R, C, BLOCK_R)
-        p = _masked_probabilities(tl.dot(xt, e, input_precision=PRECISION), lse, valid_v, offs_c, C)
+        p = _masked_probabilities(_dot(xt, e, PRECISION, UPCAST_BF16), lse, valid_v, offs_c, C)
         per_class = tl.load(per_class_ptr + sample * C + offs_c, mask=offs_c < C, other=0.0)
         target_slope = tl.load(target_slope_ptr + sample * C + offs_c, mask=offs_c < C, other=0.0)
         grad_z = _logit_gradient(p, offs_c[None, :] == y[:, None], per_voxel, per_class, target_slope,
                                  target_offset)
-        grad_xt += tl.dot(grad_z.to(e.dtype), tl.trans(e), input_precision=PRECISION)
+        grad_xt += _dot(grad_z.to(e.dtype), tl.trans(e), PRECISION, UPCAST_BF16)
     offs_r = tl.arange(0, BLOCK_R)
     base = grad_x_ptr + sample.to(tl.int64) * R * S
     tl.store(base + offs_r[None, :] * S + offs_v[:, None], grad_xt.to(grad_x_ptr.dtype.element_ty),
@@ -165,7 +178,8 @@ def _grad_basis_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, per_voxel_ptr, per_class_pt
 @triton.jit
 def _grad_operator_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, per_voxel_ptr, per_class_ptr, target_slope_ptr,
                           target_offset_ptr, partial_ptr, S, R, C, splits, BLOCK_V: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                          UPCAST_BF16: tl.constexpr):
     """partial[sample, split, :, c] = Σ_v x_v ∂z_cv over the split's voxel blocks of one sample."""
     tile, split, sample = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -179,10 +193,10 @@ def _grad_operator_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, per_voxel_ptr, per_class
         xt = _basis_tile(x_ptr, sample, offs_v, S, R, BLOCK_R)
         y, valid_v, lse = _voxel_block(y_ptr, lse_ptr, sample, offs_v, S)
         per_voxel = tl.load(per_voxel_ptr + sample.to(tl.int64) * S + offs_v, mask=offs_v < S, other=0.0)
-        p = _masked_probabilities(tl.dot(xt, e, input_precision=PRECISION), lse, valid_v, offs_c, C)
+        p = _masked_probabilities(_dot(xt, e, PRECISION, UPCAST_BF16), lse, valid_v, offs_c, C)
         grad_z = _logit_gradient(p, offs_c[None, :] == y[:, None], per_voxel, per_class, target_slope,
                                  target_offset)
-        grad_e += tl.dot(tl.trans(xt), grad_z.to(xt.dtype), input_precision=PRECISION)
+        grad_e += _dot(tl.trans(xt), grad_z.to(xt.dtype), PRECISION, UPCAST_BF16)
     offs_r = tl.arange(0, BLOCK_R)
     base = partial_ptr + (sample * splits + split).to(tl.int64) * R * C
     tl.store(base + offs_r[:, None] * C + offs_c[None, :], grad_e, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
@@ -227,7 +241,8 @@ class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         class_tiles, voxel_blocks = triton.cdiv(num_classes, block_classes), triton.cdiv(voxels, block_voxels)
         splits = voxel_splits or _voxel_splits(class_tiles, b, voxel_blocks, x.device)
         blocks = dict(BLOCK_V=block_voxels, BLOCK_C=block_classes, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                      PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                      PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                      UPCAST_BF16=INTERPRETED and dtype == torch.bfloat16)
 
         lse = torch.empty(b * voxels, device=x.device, dtype=torch.float32)
         target_logit = torch.empty_like(lse)

@@ -226,6 +226,7 @@ class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
     """``ChunkedSoftmaxDiceCELoss`` by the fused kernels above: same inputs (no chunk) and settings."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # as the torch path, under autocast
     def forward(ctx, basis: Tensor, operator: Tensor, target: Tensor, batch_dice: bool, do_bg: bool, smooth: float,
                 weight_ce: float, weight_dice: float, ignore_label: int | None, block_voxels: int,
                 block_classes: int, voxel_splits: int | None) -> Tensor:
@@ -266,6 +267,7 @@ class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         return loss.to(basis.dtype)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_output: Tensor):
         x, e, y, lse, mask, a, beta, ce_coefficient = ctx.saved_tensors
         basis_dtype, operator_dtype, weight_dice, splits, blocks = ctx.settings

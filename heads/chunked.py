@@ -184,15 +184,16 @@ def _cpu_triton_error() -> HeadzooError:
 class ChunkedHead(Head):
     """Low-rank basis (R maps) + operator E; exact chunked softmax CE + Dice; chunked argmax.
 
-    kernel: ``torch`` (the chunked loop above), ``triton`` (heads/chunked_triton.py's fused kernels;
-    ``chunk`` does not apply) or ``auto`` (triton on CUDA tensors when triton imports, else torch).
+    kernel: ``torch`` (the chunked loop above; the default until the fused kernels have run on a GPU —
+    so far they are checked only under Triton's interpreter), ``triton`` (heads/chunked_triton.py's fused
+    kernels; ``chunk`` does not apply) or ``auto`` (triton on CUDA tensors when triton imports, else torch).
     """
 
     variants = ({"rank": 3, "chunk": 4},)
 
     def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
                  ignore_label: int | None = None, rank: int | None = None, chunk: int = 30, do_bg: bool = False,
-                 smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0, kernel: str = "auto"):
+                 smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0, kernel: str = "torch"):
         super().__init__(in_channels, num_classes, batch_dice, ignore_label)
         if kernel not in ("torch", "triton", "auto"):
             raise HeadzooError(f"kernel must be torch, triton or auto, got '{kernel}'")

@@ -132,8 +132,9 @@ def test_head_option_kernel_triton_equals_torch(kernels):
 
 
 def test_auto_uses_torch_on_cpu_tensors():
-    head = headzoo.create_head("chunked", 6, 23, rank=4)
-    assert head.kernel == "auto" and not head._uses_triton(torch.zeros(1, 4, 2, 2, 2))
+    assert headzoo.create_head("chunked", 6, 23, rank=4).kernel == "torch"  # the default
+    head = headzoo.create_head("chunked", 6, 23, rank=4, kernel="auto")
+    assert not head._uses_triton(torch.zeros(1, 4, 2, 2, 2))
 
 
 def test_unknown_kernel_is_rejected():

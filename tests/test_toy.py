@@ -113,3 +113,12 @@ def test_code_channels_show_each_objects_class_code(tmp_path, monkeypatch):
     assert len(set(codes.values())) == len(codes) and not any(not any(code) for code in codes.values())
     # 11 shapes in 5 bits: the even-weight code (distance 2; a distance-3 code has only 4 words)
     assert min_hamming_distance(np.array(list(codes.values()))) >= 2
+
+
+@pytest.mark.parametrize("shapes", [100, 200, 1000])
+def test_paper_preset_is_the_papers_toy_n_at_classes_n_plus_one(shapes):
+    # `--classes` counts labels, background included: Toy N (N shape classes, §2.4) is --classes N + 1,
+    # and then every shape occurs equally often in training: 900 volumes × 100 objects / N.
+    p = PRESETS["paper"]
+    counts = np.bincount([c for g in range(p.train) for c in volume_classes(g, shapes + 1, p.objects)])
+    assert counts[0] == 0 and (counts[1:] == p.train * p.objects // shapes).all()

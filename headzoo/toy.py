@@ -4,6 +4,13 @@ C−1 foreground shapes (label 0 is background), each a union of 2–4 random pr
 box, eroded while it covers more than 60% of the box, then opened and closed. Volume g holds
 the classes 1 + (g + k·step) mod (C−1), k < N_objects, placed greedily without overlap; object
 voxels are drawn from N(μ_c, σ_c), the background is noise. Everything derives from one seed.
+
+The `protocol` preset (headzoo's CPU accuracy protocol, not §2.4) replaces the one intensity channel
+by B code channels: class c has a distinct B-bit code word, and in channel k its voxels are bright
+where bit k is set, dim where not. A per-class intensity does not survive nnU-Net's per-channel
+brightness/contrast/gamma augmentation and the backbone's instance norm (issue 9: Dice ≈ 0 at
+C = 100 either way); a bright-versus-dim pattern across channels does, so the class is learnable in
+minutes on a CPU and what separates the heads is how they map features to many classes.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ from headzoo.errors import HeadzooError
 from headzoo.progress import progress_bar
 
 COVERAGE_LIMIT = 0.6
+CODE_BRIGHT, CODE_DIM, CODE_NOISE = 500.0, 100.0, 20.0  # a code channel inside an object: bit set / not set, σ
+LEXICODE_WORDS = 4096  # class codes are drawn from (at most) this many words of a lexicode
 
 
 @dataclass(frozen=True)
@@ -30,13 +39,20 @@ class ToyPreset:
     objects: int         # objects per volume (at most C−1)
     volumes: int         # volumes in all
     train: int           # the first `train` volumes are training cases, the rest test cases
+    code_bits: int = 0   # 0: one channel, class c ~ N(μ_c, σ_c) (§2.4); B > 0: B channels carrying a class code
 
 
 PRESETS: dict[str, ToyPreset] = {
     "paper": ToyPreset(volume=192, box=30, objects=100, volumes=1000, train=900),
-    # Small enough for `headzoo run --classes 1000` in minutes on 2 CPU cores, while every class
-    # occurs in training: with 16 objects the class step is (C−1)//16 ≤ 62 ≤ 72 training volumes.
-    "small": ToyPreset(volume=48, box=12, objects=16, volumes=80, train=72),
+    # Small enough for `headzoo run --classes 1000` in minutes on 2 CPU cores, while every class of
+    # C ≤ 1000 occurs in training (tests/test_toy.py checks each C): the training volumes g < T hold
+    # the classes g + k·step, k < 16, step = (C−1)//16, a contiguous run of T + 15·step ≥ C−1 classes
+    # once T ≥ 76 (with T = 72, C = 944, 959, 960, 974–976 and 989–992 missed a few).
+    "small": ToyPreset(volume=48, box=12, objects=16, volumes=84, train=76),
+    # The CPU accuracy protocol: 16 code channels (minimum Hamming distance 6 at C ≤ 128, 4 at C ≤ 2048)
+    # and twice the objects of `small` (32 per 48³ volume, all placed), so a 32³ patch holds more labelled
+    # voxels of more classes; every class of C ≤ 1000 occurs in training (checked in tests/test_toy.py).
+    "protocol": ToyPreset(volume=48, box=12, objects=32, volumes=80, train=72, code_bits=16),
     # For tests: seconds to generate and preprocess.
     "tiny": ToyPreset(volume=32, box=10, objects=6, volumes=12, train=10),
 }
@@ -99,9 +115,36 @@ def volume_classes(g: int, num_classes: int, objects: int) -> list[int]:
     return [1 + (g + k * step) % shapes for k in range(n)]
 
 
-def make_volume(g: int, shapes: list[np.ndarray], intensity: np.ndarray, preset: ToyPreset,
+def lexicode(bits: int, distance: int, words: int) -> np.ndarray:
+    """The first `words` words of the binary lexicode: 0, 1, …, 2^bits − 1 in order, each kept when it is at
+    least `distance` (Hamming) from every word kept before (fewer if the code has fewer)."""
+    code, candidates = [], np.arange(2 ** bits)
+    while candidates.size and len(code) < words:
+        code.append(candidates[0])  # the smallest word far enough from all kept so far
+        candidates = candidates[np.bitwise_count(candidates ^ candidates[0]) >= distance]
+    return np.array(code)
+
+
+def class_codes(shapes: int, bits: int, rng: np.random.Generator) -> np.ndarray:
+    """(shapes, bits) bool: a distinct non-zero code word per class, drawn at random from the lexicode with
+    the largest minimum Hamming distance that has `shapes` non-zero words (lexicodes are linear, so every
+    bit is set in half of the code's words)."""
+    if shapes > 2 ** bits - 1:
+        raise HeadzooError(f"a {bits}-bit class code has only {2 ** bits - 1} non-zero words, {shapes} classes asked for")
+    for distance in range(bits, 0, -1):
+        code = lexicode(bits, distance, max(shapes + 1, LEXICODE_WORDS))
+        if len(code) > shapes:
+            break
+    words = rng.choice(code[1:], shapes, replace=False)
+    return (words[:, None] >> np.arange(bits)) & 1 == 1
+
+
+def make_volume(g: int, shapes: list[np.ndarray], appearance: np.ndarray, preset: ToyPreset,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-    """Image, label map and the number of objects that found no free place."""
+    """Image (channels, *volume), label map and the number of objects that found no free place.
+
+    `appearance` is (C, 2): each class's mean and standard deviation (one channel, §2.4), or (C, B) bool:
+    each class's code (B channels; an object is bright where its bit is set, dim elsewhere)."""
     label = np.zeros((preset.volume,) * 3, np.uint16)
     unplaced = 0
     for c in volume_classes(g, len(shapes) + 1, preset.objects):
@@ -114,9 +157,13 @@ def make_volume(g: int, shapes: list[np.ndarray], intensity: np.ndarray, preset:
                 break
         else:
             unplaced += 1
-    image = rng.normal(0.0, 20.0, label.shape)  # background noise
-    mean, std = intensity[label, 0], intensity[label, 1]
-    image = np.where(label > 0, mean + std * rng.standard_normal(label.shape), image)
+    if preset.code_bits:
+        mean = np.where(appearance[label], CODE_BRIGHT, CODE_DIM).transpose(3, 0, 1, 2)
+        std = np.full(mean.shape, CODE_NOISE)
+    else:
+        mean, std = appearance[label, 0][None], appearance[label, 1][None]
+    image = rng.normal(0.0, 20.0, mean.shape)  # background noise
+    image = np.where(label > 0, mean + std * rng.standard_normal(mean.shape), image)
     return image.astype(np.float32), label, unplaced
 
 
@@ -163,25 +210,31 @@ def write_toy_dataset(out: Path, num_classes: int, preset_name: str = "small", s
             for _ in range(num_classes - 1):
                 shapes.append(make_shape(preset.box, rng))
                 bar.advance(task)
-            intensity = np.zeros((num_classes, 2))
-            intensity[1:, 0] = rng.uniform(100.0, 1000.0, num_classes - 1)
-            intensity[1:, 1] = rng.uniform(5.0, 50.0, num_classes - 1)
+            if preset.code_bits:
+                appearance = np.zeros((num_classes, preset.code_bits), bool)
+                appearance[1:] = class_codes(num_classes - 1, preset.code_bits, rng)
+            else:
+                appearance = np.zeros((num_classes, 2))
+                appearance[1:, 0] = rng.uniform(100.0, 1000.0, num_classes - 1)
+                appearance[1:, 1] = rng.uniform(5.0, 50.0, num_classes - 1)
             unplaced = 0
             annotated = source_classes(num_classes, sources, preset)
             case_sources = {}
             task = bar.add_task("toy volumes", total=preset.volumes)
             for g in range(preset.volumes):
-                image, label, missed = make_volume(g, shapes, intensity, preset, rng)
+                image, label, missed = make_volume(g, shapes, appearance, preset, rng)
                 unplaced += missed
                 split = "Tr" if g < preset.train else "Ts"
                 if split == "Tr" and sources > 1:
                     case_sources[f"toy_{g:04d}"] = g % sources
                     label[~np.isin(label, [0, *annotated[g % sources]])] = 0
-                _write_nifti(image, staging / f"images{split}" / f"toy_{g:04d}_0000.nii.gz")
+                for channel, plane in enumerate(image):
+                    _write_nifti(plane, staging / f"images{split}" / f"toy_{g:04d}_{channel:04d}.nii.gz")
                 _write_nifti(label, staging / f"labels{split}" / f"toy_{g:04d}.nii.gz")
                 bar.advance(task)
         dataset = {
-            "channel_names": {"0": "toy"},
+            "channel_names": ({str(k): f"code bit {k}" for k in range(preset.code_bits)} if preset.code_bits
+                              else {"0": "toy"}),
             "labels": {"background": 0, **{f"class_{c:04d}": c for c in range(1, num_classes)}},
             "numTraining": preset.train,
             "file_ending": ".nii.gz",

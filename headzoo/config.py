@@ -114,6 +114,8 @@ class RunConfig:
                                           key=False, parse=Path,  # its content fingerprint is in the key
                                           title=lambda v: f"dataset {Path(v).name}" if v else None)
     warmup: int = setting("warm-up steps before the memory step", "--warmup", 3)
+    lr: float = setting("learning rate of ScheduleFree AdamW (the paper's 0.0025)", "--lr", 0.0025,
+                        title=lambda v: None if v == 0.0025 else f"lr {v:g}")
     grad_clip: float | None = setting("clip the gradient norm at this value, as nnU-Net (12); 'none': off",
                                       "--grad-clip", 12.0, parse=lambda t: None if t.lower() == "none" else float(t),
                                       text=lambda v: "none" if v is None else f"{v:g}",

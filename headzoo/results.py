@@ -16,8 +16,8 @@ from headzoo.config import KEY_FIELDS
 from headzoo.errors import HeadzooError
 from headzoo.locking import file_lock
 
-# 2: the key covers the toy preset, the dataset fingerprint, the memory budget, warm-up, gradient clipping and
-#    autocast; every record has a run id and the run's every setting (config.RunConfig). v1 rows (no
+# 2: the key covers the toy preset, the dataset fingerprint, the memory budget, warm-up, learning rate,
+#    gradient clipping and autocast; every record has a run id and the run's every setting (config.RunConfig). v1 rows (no
 #    clipping; CPU, where autocast does nothing) are migrated on read.
 SCHEMA_VERSION = 2
 
@@ -34,7 +34,7 @@ def migrate(record: dict) -> dict:
         return record
     preset = re.search(r"HeadzooToy_([A-Za-z0-9-]+)_C", str(record.get("dataset", "")))
     defaults = {"preset": preset.group(1) if preset else None, "dataset_folder": None, "dataset_fingerprint": None,
-                "device": "auto", "grad_clip": None, "amp": True, "eval_every": None, "curve": None,
+                "device": "auto", "lr": 0.0025, "grad_clip": None, "amp": True, "eval_every": None, "curve": None,
                 "run_id": uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(record, sort_keys=True)).hex[:16]}
     return {**defaults, **record, "schema_version": SCHEMA_VERSION}
 

@@ -18,19 +18,20 @@ from headzoo.measure import measure_peak_memory, summarize_times, timed
 from headzoo.pipeline import PreparedDataset, count_test_cases, test_cases, training_loader
 from headzoo.progress import progress_bar
 
-# ScheduleFree AdamW with the paper's settings: lr, β1 (the paper's 1−β1 = 0.1), β2, weight decay, warm-up.
-LR, BETA1, BETA2, WEIGHT_DECAY, WARMUP_FRACTION = 0.0025, 0.9, 0.995, 0.0812, 0.02
+# ScheduleFree AdamW with the paper's settings: β1 (the paper's 1−β1 = 0.1), β2, weight decay, warm-up
+# (the learning rate is a run setting, RunConfig.lr).
+BETA1, BETA2, WEIGHT_DECAY, WARMUP_FRACTION = 0.9, 0.995, 0.0812, 0.02
 
 
-def build_optimizer(network: SegmentationNetwork, steps: int):
+def build_optimizer(network: SegmentationNetwork, steps: int, lr: float):
     import schedulefree
-    groups = network.head.param_groups(LR)
+    groups = network.head.param_groups(lr)
     if groups is None:
         params = [{"params": list(network.parameters())}]
     else:
         grouped = {id(p) for g in groups for p in g["params"]}
         params = [{"params": [p for p in network.parameters() if id(p) not in grouped]}, *groups]
-    return schedulefree.AdamWScheduleFree(params, lr=LR, betas=(BETA1, BETA2), weight_decay=WEIGHT_DECAY,
+    return schedulefree.AdamWScheduleFree(params, lr=lr, betas=(BETA1, BETA2), weight_decay=WEIGHT_DECAY,
                                           warmup_steps=max(1, round(WARMUP_FRACTION * steps)))
 
 
@@ -92,7 +93,7 @@ def evaluate(config: RunConfig, prepared: PreparedDataset, network: Segmentation
 def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: SegmentationNetwork,
                        device: torch.device, show_progress: bool) -> dict:
     loader = training_loader(prepared, config.patch, config.batch, config.seed)
-    optimizer = build_optimizer(network, config.steps)
+    optimizer = build_optimizer(network, config.steps, config.lr)
     network.train()
     optimizer.train()
     step = TrainStep(config, network, optimizer, device)

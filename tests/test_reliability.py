@@ -24,7 +24,7 @@ def _key(**settings):
 def test_key_covers_dataset_memory_limit_and_training_settings():
     base = _key()
     assert len({base, _key(preset="tiny"), _key(memory_limit_bytes=2**30), _key(warmup=5), _key(grad_clip=None),
-                _key(amp=False)}) == 6
+                _key(amp=False), _key(lr=0.01)}) == 7
     assert record_key({"dataset_fingerprint": "a"}) != record_key({"dataset_fingerprint": "b"})
 
 
@@ -102,7 +102,7 @@ def test_run_time_contract_violations_stop_the_run(channels, loss_value, message
         def forward(self, image):
             return self.head(image)
     network = Network(_Broken(channels, loss_value))
-    step = TrainStep(RunConfig(head="broken"), network, build_optimizer(network, 10), torch.device("cpu"))
+    step = TrainStep(RunConfig(head="broken"), network, build_optimizer(network, 10, 1e-3), torch.device("cpu"))
     batch = {"data": torch.randn(1, 2, 4, 4, 4), "target": torch.zeros(1, 1, 4, 4, 4), "annotated": None}
     with pytest.raises(ContractViolation, match=message):
         step(batch)

@@ -17,6 +17,9 @@ from typing import Any
 from headzoo.errors import HeadzooError
 
 TOY_CLASSES = 100  # --classes when neither it nor --dataset is given
+# The accuracy protocol (README, leaderboard/accuracy_experiments.md): settings where Dice means something on
+# 2 CPU cores — the toy with a 16-bit class code and 32 objects per volume, 400 steps at lr 0.01, a curve.
+ACCURACY_PROTOCOL = {"preset": "protocol", "steps": 400, "lr": 0.01, "eval_every": 50}
 
 MEMORY_UNITS = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "kib": 2**10, "tb": 10**12, "gb": 10**9, "mb": 10**6,
                 "kb": 10**3, "b": 1, "": 1}
@@ -172,7 +175,7 @@ def to_argv(config: RunConfig, only_changed: bool = False, sweep_only: bool = Fa
     argv = []
     for f, s in run_settings():
         value, unset = getattr(config, f.name), getattr(default, f.name)
-        if (sweep_only and not s.sweep) or (value == unset and (only_changed or value is None)):
+        if (sweep_only and not s.sweep) or (value == unset and (only_changed or value is None) and f.name != "head"):
             continue
         if f.name == "options":
             argv += [a for k, v in sorted(value.items()) for a in ("--option", f"{k}={json.dumps(v)}")]
@@ -182,6 +185,17 @@ def to_argv(config: RunConfig, only_changed: bool = False, sweep_only: bool = Fa
         else:
             argv += [s.flag, s.text(value)]
     return argv
+
+
+def accuracy_note(record: dict) -> str | None:
+    """For a toy run outside the accuracy protocol: what its Dice means, and the command that gives one."""
+    config = from_record(record)
+    if config.dataset_folder is not None or all(getattr(config, k) == v for k, v in ACCURACY_PROTOCOL.items()):
+        return None
+    protocol = dataclasses.replace(config, **ACCURACY_PROTOCOL, patch=None, run_id=None)
+    return (f"This run measures cost (peak memory, step time): Dice after {config.steps} steps on the "
+            f"'{config.preset}' toy is not a quality measure. For Dice, run the accuracy protocol:\n"
+            f"  headzoo run {' '.join(to_argv(protocol, only_changed=True))}")
 
 
 def title(record: dict) -> str:

@@ -6,6 +6,8 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from headzoo.config import accuracy_note
+
 
 def format_bytes(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -39,3 +41,5 @@ def print_record(record: dict, console: Console) -> None:
     console.print(table)
     if record.get("error"):
         console.print(f"[red]{record['error']}[/red]")
+    elif note := accuracy_note(record):
+        console.print(f"[yellow]{note}[/yellow]")

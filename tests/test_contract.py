@@ -5,30 +5,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import contract
-from headzoo.head import Head
+from headzoo_dummy_head import DummyHead  # tests/plugin_dist, installed by conftest
 
 C = 9
 
 
-class GoodHead(Head):
-    """Full logits, cross-entropy: passes every check."""
+class GoodHead(DummyHead):
+    """The plug-in example head (full logits, cross-entropy): passes every check."""
 
     def __init__(self, in_channels=contract.F, num_classes=C, **plan_options):
         super().__init__(in_channels, num_classes, **plan_options)
-        self.conv = nn.Conv3d(in_channels, num_classes, 1)
-
-    def forward(self, features):
-        return self.conv(features)
-
-    def loss(self, output, target, annotated=None):
-        self.check_target(output, target, annotated)
-        return F.cross_entropy(output, target[:, 0].long())
-
-    def predict(self, output):
-        return output.argmax(1)
-
-    def logits(self, output, classes):
-        return output[:, classes]
 
 
 class PredictsArgmin(GoodHead):

@@ -178,4 +178,18 @@ def test_bad_input_to_predict_is_one_line_and_writes_nothing(nnunet, tmp_path):
         result = headzoo("predict", *[x for pair in arguments.items() for x in pair], env=nnunet["env"])
         assert result.returncode == 2, (extra, result.stderr[-2000:])
         assert message in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
-        assert not list(tmp_path.rglob("*.nii.gz")) and not list(tmp_path.rglob(".partial-*"))
+        assert not out.exists() or not list(out.rglob("*.nii.gz")), list(out.rglob("*"))
+
+
+@pytest.mark.slow
+def test_validation_only_rebuilds_the_head_from_the_checkpoint(nnunet):
+    """`--val` without HEADZOO_HEAD_OPTIONS: the head is rebuilt with the options saved in the checkpoint
+    (rank 3; the default would be rank 5 and the weights would not load)."""
+    trainer = trained(nnunet, "chunked", "rank=3,chunk=2")
+    summary = nnunet["results"] / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0" / "validation" / "summary.json"
+    summary.unlink()
+    env = {k: v for k, v in nnunet["env"].items() if k != "HEADZOO_HEAD_OPTIONS"}
+    result = headzoo("nnunet-train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--val",
+                     env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert summary.is_file()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
 from pathlib import Path
 
 import torch
@@ -77,7 +76,6 @@ def nnunet_train(dataset: str, configuration: str, fold: str, trainer: str, plan
     elif device == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
-    os.environ.setdefault("nnUNet_extTrainer", str(EXT_TRAINER_FOLDER))
     with trainers_resolved_directly():
         run_training(dataset, configuration, fold, trainer, plans, None, num_gpus, False, continue_training,
                      only_run_validation, disable_checkpointing, False, device=torch_device)

@@ -123,8 +123,8 @@ class nnUNetTrainerHead(nnUNetTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        if isinstance(checkpoint, str):  # nnU-Net's load_checkpoint takes only a file name, and loads it again
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
         saved = checkpoint["init_args"].get("headzoo", {})
         if saved.get("head", self.head_name) != self.head_name:
             raise HeadzooError(f"this checkpoint holds a '{saved['head']}' head, not '{self.head_name}'")
@@ -133,7 +133,7 @@ class nnUNetTrainerHead(nnUNetTrainer):
                 raise HeadzooError(f"the checkpoint's head options {saved['options']} differ from this trainer's "
                                    f"{self.head_options}")
             self.head_options = saved["options"]
-        super().load_checkpoint(checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)
         self._record_head()
 
     def perform_actual_validation(self, save_probabilities: bool = False):

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from headzoo.nnunet.train import EXT_TRAINER_FOLDER
+from headzoo.registry import create_head, list_heads
 from headzoo.nnunet.trainer import class_counts, parse_head_options
 from headzoo.toy import write_toy_dataset
 
@@ -47,6 +48,22 @@ def test_class_counts_match_nnunet_one_hot_counts():
     ours = class_counts(prediction, target, 6, ignore_label=6)
     for mine, reference in zip(ours, (tp, fp, fn)):
         np.testing.assert_array_equal(mine, reference.numpy().astype(np.int64))
+
+
+@pytest.mark.parametrize("head_name", list_heads())
+def test_export_predicts_slab_by_slab_as_on_the_whole_volume(head_name, monkeypatch):
+    """Export calls head.predict on slabs of the first axis; every registered head gives the whole volume's labels."""
+    from types import SimpleNamespace
+
+    import headzoo.nnunet.predictor as predictor
+    torch.manual_seed(0)
+    head = create_head(head_name, 8, 6).eval()
+    with torch.no_grad():
+        output = head(torch.randn(1, 8, 7, 5, 6))[0]
+    monkeypatch.setattr(predictor, "PREDICT_VOXELS", 2 * 5 * 6)  # slabs of 2 rows, the last one of 1
+    labels = predictor._HeadLabels(SimpleNamespace(foreground_labels=[1, 2, 3, 4, 5]), head)
+    np.testing.assert_array_equal(labels.convert_logits_to_segmentation(output.half().numpy()),
+                                  head.predict(output.half().float()[None])[0].numpy())
 
 
 def headzoo(*args, env):

@@ -9,6 +9,7 @@ aggregation and the resampling is O(K), whatever C is.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -85,8 +86,14 @@ class HeadPredictor(nnUNetPredictor):
         compute_gaussian.cache_clear()
 
 
+PREDICT_VOXELS = 2**21  # voxels per head.predict call at export: its working memory stays bounded
+
+
 class _HeadLabels:
-    """What nnU-Net's export asks of a LabelManager, with ``head.predict`` in place of the argmax over C logits."""
+    """What nnU-Net's export asks of a LabelManager, with ``head.predict`` in place of the argmax over C logits.
+
+    The head predicts slab by slab along the first axis (heads predict each voxel from its own K values), so
+    its working memory (a float32 copy, per-chunk logits) does not grow with the volume either."""
 
     def __init__(self, label_manager, head: Head):
         self.foreground_labels = label_manager.foreground_labels
@@ -94,9 +101,14 @@ class _HeadLabels:
 
     @torch.no_grad()
     def convert_logits_to_segmentation(self, output) -> np.ndarray:
-        output = torch.as_tensor(output, dtype=torch.float32)
+        output = torch.as_tensor(output)
         device = next(self.head.parameters(), torch.empty(0)).device
-        return self.head.predict(output[None].to(device))[0].cpu().numpy()
+        labels = torch.empty(output.shape[1:], dtype=torch.long)
+        rows = max(1, PREDICT_VOXELS // math.prod(output.shape[2:]))
+        for start in range(0, output.shape[1], rows):
+            slab = output[None, :, start:start + rows].to(device, torch.float32)
+            labels[start:start + rows] = self.head.predict(slab)[0].cpu()
+        return labels.numpy()
 
 
 def export_head_prediction(output: torch.Tensor | np.ndarray, properties: dict, configuration_manager, plans_manager,

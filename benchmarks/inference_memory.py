@@ -17,6 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
+import shlex
 import platform
 import resource
 import subprocess
@@ -160,7 +163,9 @@ def render(records: list[dict], command: str) -> str:
     for r in records:
         volume = next((name for name, shape in VOLUMES.items() if list(shape) == r["shape"]), "×".join(map(str, r["shape"])))
         ok = r["status"] == "ok"
-        lines.append(f"| {volume} | {r['head']} | {r['classes']} | {r['status']} | "
+        status = r["status"] if ok else f"{r['status']} (fp16 C-channel buffer alone: " \
+            f"{gib(r['classes'] * math.prod(r['shape']) * 2)} GiB)"
+        lines.append(f"| {volume} | {r['head']} | {r['classes']} | {status} | "
                      f"{gib(r.get('peak_bytes')) if ok else '—'} | {gib(r['rss_growth_bytes']) if ok else '—'} | "
                      f"{r['seconds']:.1f} |")
     by_key = {(r["head"], r["classes"], tuple(r["shape"])): r for r in records if r["status"] == "ok"}
@@ -182,15 +187,21 @@ def main() -> None:
     parser.add_argument("--memory-limit", default=None, help="budget per cell, e.g. 12GiB")
     parser.add_argument("--out", type=Path, default=OUT / "inference_memory")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: run one cell, print JSON
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .jsonl")
     args = parser.parse_args()
+    if args.render:
+        lines = args.out.with_suffix(".jsonl").read_text().splitlines()
+        command, records = json.loads(lines[0])["command"], [json.loads(line) for line in lines[1:]]
+        args.out.with_suffix(".md").write_text(render(records, command))
+        return
     if args.cell:
         head, classes, shape = json.loads(args.cell)
         if args.memory_limit:
             from headzoo.budget import apply_memory_limit
             from headzoo.cli import parse_bytes
             apply_memory_limit(parse_bytes(args.memory_limit), args.device)
-        print(json.dumps(run_cell(head, classes, tuple(shape), args.patch, args.device)))
-        return
+        print(json.dumps(run_cell(head, classes, tuple(shape), args.patch, args.device)), flush=True)
+        os._exit(0)  # after an oom nnU-Net's window producer thread may be left blocked; do not wait for it
     volumes = [VOLUMES.get(v) or tuple(int(x) for x in v.split("x")) for v in args.volumes.split(",")]
     records = []
     for shape in volumes:
@@ -205,8 +216,8 @@ def main() -> None:
                 records.append(json.loads(result.stdout.strip().splitlines()[-1]))
                 print(records[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    command = "python benchmarks/inference_memory.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/inference_memory.py " + shlex.join(sys.argv[1:])
+    args.out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"command": command}, *records]))
     args.out.with_suffix(".md").write_text(render(records, command))
     print(f"wrote {args.out.with_suffix('.md')}")
 

@@ -198,7 +198,7 @@ def main() -> None:
         head, classes, shape = json.loads(args.cell)
         if args.memory_limit:
             from headzoo.budget import apply_memory_limit
-            from headzoo.cli import parse_bytes
+            from headzoo.config import parse_bytes
             apply_memory_limit(parse_bytes(args.memory_limit), args.device)
         print(json.dumps(run_cell(head, classes, tuple(shape), args.patch, args.device)), flush=True)
         os._exit(0)  # after an oom nnU-Net's window producer thread may be left blocked; do not wait for it

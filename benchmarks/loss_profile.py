@@ -1,6 +1,8 @@
 """Reproduce the chunked-basis-head paper's Table 4: loss-only time and peak memory, chunked vs direct.
 
-The direct loss (materialised logits Eᵀ·B + nnU-Net's DC_and_CE_loss) is measured in the same run.
+The direct loss (materialised logits Eᵀ·B + nnU-Net's DC_and_CE_loss) is measured in the same run,
+and on CUDA with triton installed the fused Triton loss (heads/chunked_triton.py, loss `triton`) too
+(that column is untested on a GPU so far: written on a CPU-only machine).
 Times: median of --repeats after --warmup (forward, backward, total). Memory: peak live tensor bytes
 on CPU (torch's MemTracker), the allocator peak on CUDA; inputs B and E included. Rows that cannot fit
 the machine are recorded with their reason instead of a number.
@@ -30,7 +32,7 @@ DIRECT_COPIES = 6  # logits-sized float tensors the direct loss holds at its pea
 
 
 def sections(args) -> list[tuple[str, int, int | None, int]]:
-    """(section, classes, chunk (None = direct), patch edge)."""
+    """(section, classes, chunk (None = direct or triton), patch edge)."""
     rows = []
     if args.section in ("all", "chunk"):
         rows += [("chunk size (C=1000, 32³)", 1000, chunk, 32) for chunk in (15, 30, 60, 120, 1000)]
@@ -52,11 +54,22 @@ def make_inputs(classes: int, patch: int, device: torch.device):
     return basis, operator, target
 
 
-def loss_function(chunk: int | None):
-    if chunk is None:
+def loss_function(loss: str, chunk: int | None):
+    if loss == "direct":
         direct = build_nnunet_loss(batch_dice=True)
         return lambda basis, operator, target: direct(torch.einsum("br...,rc->bc...", basis, operator), target)
+    if loss == "triton":
+        from headzoo.heads.chunked_triton import triton_chunked_dc_and_ce_loss
+        return triton_chunked_dc_and_ce_loss
     return lambda basis, operator, target: chunked_dc_and_ce_loss(basis, operator, target, chunk)
+
+
+def triton_imports() -> bool:
+    try:
+        import headzoo.heads.chunked_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def sync(device: torch.device) -> None:
@@ -126,18 +139,23 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
+    jobs = [(section, "direct" if chunk is None else "chunked", classes, chunk, patch)
+            for section, classes, chunk, patch in sections(args)]
+    if device.type == "cuda" and triton_imports():  # the fused loss beside each direct row
+        jobs += [(section, "triton", classes, None, patch) for section, loss, classes, _, patch in jobs
+                 if loss == "direct"]
     rows = []
-    for section, classes, chunk, patch in sections(args):
-        row = {"section": section, "loss": "direct" if chunk is None else "chunked", "classes": classes,
+    for section, loss, classes, chunk, patch in jobs:
+        row = {"section": section, "loss": loss, "classes": classes,
                "chunk": chunk, "patch": patch, "batch": BATCH, "rank": RANK, "device_name": device_name,
                "torch": torch.__version__, "status": "ok"}
         logits_bytes = BATCH * classes * patch ** 3 * 4
-        if chunk is None and DIRECT_COPIES * logits_bytes > available_bytes(device):
+        if loss == "direct" and DIRECT_COPIES * logits_bytes > available_bytes(device):
             row["status"] = f"does not fit: needs ~{DIRECT_COPIES * logits_bytes / 2**30:.0f} GiB"
         else:
             try:
                 inputs = make_inputs(classes, patch, device)
-                fn = loss_function(chunk)
+                fn = loss_function(loss, chunk)
                 row.update(time_row(fn, inputs, device, args.warmup, args.repeats))
                 row.update(memory_row(fn, inputs, device))
             except torch.OutOfMemoryError:
@@ -187,7 +205,7 @@ def render(table: pd.DataFrame) -> str:
                                  "| | | | | | | |")
                     continue
                 ratio_t = ratio_m = ""
-                if r.loss == "chunked" and len(direct) and direct.iloc[0].status == "ok":
+                if r.loss != "direct" and len(direct) and direct.iloc[0].status == "ok":
                     ratio_t = f"{r.total_s / direct.iloc[0].total_s:.2f}"
                     ratio_m = f"{r.total_peak_bytes / direct.iloc[0].total_peak_bytes:.3f}"
                 lines.append(f"| {r.loss} | {r.classes} | {fmt_chunk(r)} | {r.patch}³ | {r.total_s:.3f} | "
@@ -199,7 +217,7 @@ def render(table: pd.DataFrame) -> str:
 
 
 def fmt_chunk(r) -> str:
-    return "–" if r.loss == "direct" or pd.isna(r.chunk) else str(int(r.chunk))
+    return "–" if r.loss != "chunked" or pd.isna(r.chunk) else str(int(r.chunk))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,18 @@
 Voxels and classes live on the unit sphere in d dimensions; the logit of class c is −‖x − μ_c‖²/τ.
 The loss is cross-entropy over the target and its k nearest other classes (eq. 6), found by exact
 FAISS search under no_grad, plus the max-margin regulariser of eq. 7.
+
+Search backends (``knn_backend``): ``faiss`` (IndexFlatL2; GpuIndexFlatL2 on CUDA tensors when FAISS
+has GPU support), ``torch`` (cdist + topk, on any device) and ``auto`` (the default): FAISS where it
+runs on the tensors' device (faiss-cpu for CPU tensors; for CUDA tensors only a FAISS with GPU
+support, since faiss-cpu would copy every query batch to the host), else torch. GPU FAISS is the
+``faiss-gpu`` wheel (CUDA 12 runtime), which replaces faiss-cpu (``pip uninstall faiss-cpu`` first:
+both install the ``faiss`` module) and sits beside torch's own CUDA runtime. On the CPU, FAISS is
+2–36× faster than torch (leaderboard/knn_backends.md); on a GPU the two have not been measured yet.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +24,7 @@ from headzoo.errors import HeadzooError
 from headzoo.head import Head
 
 PREDICT_CHUNK = 65536  # voxels per nearest-class search at prediction
+TORCH_SEARCH_ELEMENTS = 2**20  # query × class distances per block of the torch backend's search (4 MiB)
 
 
 def _faiss():
@@ -26,31 +37,58 @@ def _faiss():
     return faiss
 
 
+@functools.cache
+def _gpu_resources():
+    """FAISS's GPU resources (streams, cuBLAS handles, temporary-memory pool), made once per process."""
+    return _faiss().StandardGpuResources()
+
+
+def _faiss_runs_on(device: torch.device) -> bool:
+    """Whether FAISS imports and searches on `device` itself (for CUDA: a FAISS with GPU support)."""
+    try:
+        faiss = _faiss()
+    except HeadzooError:
+        return False
+    return device.type != "cuda" or hasattr(faiss, "StandardGpuResources")
+
+
 class ClassIndex:
     """Exact L2 nearest-class search over the class embeddings, rebuilt only when they change."""
 
     def __init__(self, backend: str):
-        if backend not in ("faiss", "torch"):
-            raise HeadzooError(f"knn_backend must be 'faiss' or 'torch', got '{backend}'")
+        if backend not in ("auto", "faiss", "torch"):
+            raise HeadzooError(f"knn_backend must be 'auto', 'faiss' or 'torch', got '{backend}'")
         self.backend = backend
         self._key = None
         self._index = None
         self._classes = None
+        self._searcher = None  # the backend in use: 'auto' resolved on the embeddings' device
 
     def update(self, classes: Tensor, key: object) -> None:
         """Index `classes` unless `key` (identifying the embeddings' state) is the one already indexed."""
         if key == self._key:
             return
         self._key, self._classes = key, classes.detach().float().contiguous()
-        if self.backend == "faiss":
+        self._searcher = self.backend
+        if self.backend == "auto":
+            self._searcher = "faiss" if _faiss_runs_on(self._classes.device) else "torch"
+        if self._searcher == "faiss":
             faiss = _faiss()
             d = self._classes.shape[1]
             if self._classes.is_cuda and hasattr(faiss, "StandardGpuResources"):
-                self._resources = faiss.StandardGpuResources()
-                self._index = faiss.GpuIndexFlatL2(self._resources, d)
+                config, device = faiss.GpuIndexFlatConfig(), self._classes.device
+                config.device = torch.cuda.current_device() if device.index is None else device.index
+                self._index = faiss.GpuIndexFlatL2(_gpu_resources(), d, config)
             else:
                 self._index = faiss.IndexFlatL2(d)
             self._index.add(self._classes if self._index_takes(self._classes) else self._classes.cpu())
+
+    def gpu_memory_bytes(self) -> int:
+        """GPU memory FAISS holds outside torch's allocator (its index vectors and temporary pool); 0 without one."""
+        if self._searcher != "faiss" or not type(self._index).__name__.startswith("Gpu"):
+            return 0
+        usage = _gpu_resources().getMemoryInfo().get(self._index.getDevice(), {})
+        return sum(size for _, size in usage.values())
 
     def _index_takes(self, tensor: Tensor) -> bool:
         return not tensor.is_cuda or type(self._index).__name__.startswith("Gpu")
@@ -59,8 +97,10 @@ class ClassIndex:
     def search(self, queries: Tensor, k: int) -> Tensor:
         """Indices (n, k) of the k nearest classes to each query, nearest first."""
         queries = queries.detach().float().contiguous()
-        if self.backend == "torch":
-            return torch.cdist(queries, self._classes).topk(k, dim=1, largest=False).indices
+        if self._searcher == "torch":  # in blocks of queries, so the distance matrix never holds N×C
+            rows = max(1, TORCH_SEARCH_ELEMENTS // len(self._classes))
+            return torch.cat([torch.cdist(part, self._classes).topk(k, dim=1, largest=False).indices
+                              for part in queries.split(rows)])
         if self._index_takes(queries):
             return self._index.search(queries, k)[1].long()
         return self._index.search(queries.cpu(), k)[1].long().to(queries.device)  # CUDA tensors, faiss-cpu
@@ -77,10 +117,13 @@ def knn_negatives(neighbours: Tensor, target: Tensor) -> Tensor:
 class KnnHead(Head):
     """ESSNet embeddings: d-dim unit voxel embeddings, CE over target + k FAISS-nearest classes, margin reg."""
 
-    def __init__(self, in_channels: int, num_classes: int, d: int | None = None, k: int = 7,
-                 tau: float = 0.05, margin: float = 0.2, knn_backend: str = "faiss",
-                 embedding_beta1: float = 0.95):
-        super().__init__(in_channels, num_classes)
+    variants = ({"knn_backend": "torch"},)
+
+    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
+                 ignore_label: int | None = None, d: int | None = None, k: int = 7, tau: float = 0.05,
+                 margin: float = 0.2, knn_backend: str = "auto", embedding_beta1: float = 0.95):
+        """``batch_dice`` is unused (no Dice term); voxels labelled ``ignore_label`` are left out of the loss."""
+        super().__init__(in_channels, num_classes, batch_dice, ignore_label)
         d = min(12, num_classes) if d is None else d
         if not 1 <= d <= num_classes:
             raise HeadzooError(f"d must be in [1, {num_classes}] (at most C), got {d}")
@@ -120,6 +163,9 @@ class KnnHead(Head):
         centroids = self._indexed_centroids()
         x = output.movedim(1, -1).reshape(-1, self.d)
         y = target.reshape(-1).long()
+        if self.ignore_label is not None:
+            keep = y != self.ignore_label
+            x, y = x[keep], y[keep]
         k = min(self.k, self.num_classes - 1)
         negatives = knn_negatives(self.index.search(x, k + 1), y)
         candidates = torch.cat([y[:, None], negatives], dim=1)           # target in slot 0

@@ -7,8 +7,11 @@ nnU-Net reads ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` once, wh
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+
+from headzoo.errors import HeadzooError
 
 
 def cache_root() -> Path:
@@ -24,13 +27,16 @@ _user_augmentation_workers = os.environ.get("nnUNet_n_proc_DA")
 
 
 def configure_nnunet_environment() -> None:
+    """Point nnU-Net at the cache. Never fails: a cache that cannot be made is reported, in one line, by
+    require_cache() when something needs it (so `--help`, `heads` and `leaderboard` still work)."""
     root = cache_root()
     keep_user_folders = os.environ.get(USER_FOLDERS_MARKER) == "1"
     for variable in NNUNET_FOLDERS:
         if keep_user_folders and os.environ.get(variable):
             continue
         path = root / variable
-        path.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            path.mkdir(parents=True, exist_ok=True)
         os.environ[variable] = str(path)
     # nnU-Net's data augmentation runs in this process: deterministic, no worker pool.
     if not keep_user_folders:
@@ -47,6 +53,19 @@ def use_user_nnunet_folders() -> None:
     for variable, value in _user_folders.items():
         if value:
             os.environ[variable] = value
+
+
+def require_cache() -> Path:
+    """The cache root, or a one-line error saying why it cannot be used."""
+    root = cache_root()
+    try:
+        for folder in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "locks"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise HeadzooError(f"HEADZOO_CACHE {root} cannot be used: {error.strerror or error}") from None
+    if not os.access(root, os.W_OK):
+        raise HeadzooError(f"HEADZOO_CACHE {root} is not writable")
+    return root
 
 
 def nnunet_raw() -> Path:

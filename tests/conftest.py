@@ -6,9 +6,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 # a fresh cache per test session (set HEADZOO_CACHE to reuse one across sessions)
 os.environ.setdefault("HEADZOO_CACHE", tempfile.mkdtemp(prefix="headzoo-test-cache-"))
 os.environ["nnUNet_n_proc_DA"] = "0"
+# without CUDA, Triton kernels run in Triton's CPU interpreter, which must be chosen before anything
+# imports triton (tests/test_chunked_triton.py); nothing else in the suite uses triton
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 PLUGIN_SOURCE = Path(__file__).parent / "plugin_dist"
 PLUGIN_TARGET = Path(os.environ["HEADZOO_CACHE"]) / "plugin-site"

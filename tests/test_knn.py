@@ -83,3 +83,32 @@ def test_class_embeddings_get_their_own_optimizer_group():
     head, _, _ = _setup()
     groups = head.param_groups(0.01)
     assert groups[0]["params"] == [head.class_embeddings] and groups[0]["betas"][0] > 0.9
+
+
+def test_auto_backend_picks_faiss_where_it_runs_on_the_device(monkeypatch):
+    from headzoo.heads import knn
+    head, output, target = _setup(backend="auto")
+    head.loss(output, target)
+    assert head.index._searcher == "faiss" and head.index.gpu_memory_bytes() == 0
+    gpu_faiss = hasattr(knn._faiss(), "StandardGpuResources")
+    assert knn._faiss_runs_on(torch.device("cuda")) == gpu_faiss  # faiss-cpu never searches CUDA tensors
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    head, output, target = _setup(backend="auto")
+    head.loss(output, target)
+    assert head.index._searcher == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_index_shares_one_faiss_resources_and_reports_its_memory():
+    from headzoo.heads import knn
+    head, output, target = _setup(backend="auto")
+    head, output, target = head.cuda(), output.cuda(), target.cuda()
+    head.loss(output, target)
+    with torch.no_grad():
+        head.class_embeddings.add_(0.1)
+    head.loss(output, target)
+    if hasattr(knn._faiss(), "StandardGpuResources"):
+        assert knn._gpu_resources.cache_info().misses == 1
+        assert head.index.gpu_memory_bytes() >= head.num_classes * head.d * 4
+    else:
+        assert head.index._searcher == "torch"

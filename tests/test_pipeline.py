@@ -7,6 +7,7 @@ from headzoo.errors import HeadzooError
 from headzoo.pipeline import configuration_name, prepare_toy, training_loader
 
 
+@pytest.mark.slow
 def test_one_frozen_plan_for_every_class_count():
     few, many = prepare_toy("tiny", 3, 0), prepare_toy("tiny", 40, 0)
     for backbone in ("small", "resenc-m", "resenc-l"):
@@ -16,6 +17,7 @@ def test_one_frozen_plan_for_every_class_count():
     assert few.plans["configurations"][configuration_name("small")]["patch_size"] == [32, 32, 32]
 
 
+@pytest.mark.slow
 def test_loader_is_deterministic_and_yields_nnunet_batches():
     prepared = prepare_toy("tiny", 5, 0)
     first = next(training_loader(prepared, (16, 16, 16), 2, seed=4))
@@ -34,6 +36,7 @@ def test_same_seed_same_backbone_whatever_the_head():
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_partial_labels_travel_from_loader_to_mask_with_multitalent_sampling():
     prepared = prepare_toy("tiny", 7, 0, sources=2)
     info = prepared.dataset_json["headzoo"]
@@ -49,6 +52,7 @@ def test_partial_labels_travel_from_loader_to_mask_with_multitalent_sampling():
         assert mask[row].sum() == 1 + len(info["source_classes"][info["case_sources"][key]])
 
 
+@pytest.mark.slow
 def test_every_backbone_preset_builds_and_keeps_full_resolution():
     from headzoo.backbone import BACKBONES
     for name, (_, default_patch) in BACKBONES.items():

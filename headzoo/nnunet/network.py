@@ -5,20 +5,17 @@ lower-resolution segmentation layers are removed (no unused parameters under DDP
 """
 from __future__ import annotations
 
-import inspect
-
 from torch import nn
 
 from headzoo.errors import HeadzooError
-from headzoo.head import Head
-from headzoo.registry import create_head, get_head_class
+from headzoo.head import PLAN_OPTIONS, Head
+from headzoo.registry import create_head
 
 
-def plan_defaults(head_name: str, configuration_manager, label_manager) -> dict:
-    """nnU-Net's own loss settings from the plan (as ``nnUNetTrainer._build_loss``), for the options a head accepts."""
-    parameters = inspect.signature(get_head_class(head_name).__init__).parameters
-    defaults = {"batch_dice": configuration_manager.batch_dice, "ignore_label": label_manager.ignore_label}
-    return {k: v for k, v in defaults.items() if k in parameters}
+def plan_defaults(configuration_manager, label_manager) -> dict:
+    """nnU-Net's own loss settings from the plan (as ``nnUNetTrainer._build_loss``); every head takes them."""
+    plan = {"batch_dice": configuration_manager.batch_dice, "ignore_label": label_manager.ignore_label}
+    return {k: plan[k] for k in PLAN_OPTIONS}
 
 
 def build_head_network(configuration_manager, num_input_channels: int, num_classes: int, head_name: str,

@@ -16,7 +16,6 @@ Deep supervision is off (see ``network``). Head options come from the environmen
 from __future__ import annotations
 
 import difflib
-import json
 import os
 
 import numpy as np
@@ -25,6 +24,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
+from headzoo.config import parse_option
 from headzoo.errors import HeadzooError
 from headzoo.nnunet.network import build_head_network, head_of, plan_defaults
 from headzoo.nnunet.predictor import validation_through_head
@@ -43,28 +43,22 @@ VARIANTS: dict[str, dict] = {
 
 
 def parse_head_options(text: str) -> dict:
-    """``"rank=16,chunk=10"`` → ``{"rank": 16, "chunk": 10}``; values are read as JSON where they parse."""
-    options = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise HeadzooError(f"{OPTIONS_VARIABLE} expects KEY=VALUE[,KEY=VALUE...], got '{text}'")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options
+    """``"rank=16,chunk=10"`` → ``{"rank": 16, "chunk": 10}``; values read as ``--option`` reads them (JSON)."""
+    try:
+        return dict(parse_option(item.strip()) for item in text.split(",") if item.strip())
+    except HeadzooError:
+        raise HeadzooError(f"{OPTIONS_VARIABLE} expects KEY=VALUE[,KEY=VALUE...], got '{text}'") from None
 
 
 def options_from_environment() -> dict:
     return parse_head_options(os.environ.get(OPTIONS_VARIABLE, ""))
 
 
-def head_settings(head_name: str, options: dict, configuration_manager, label_manager) -> dict:
+def head_settings(options: dict, configuration_manager, label_manager) -> dict:
     """The head's options: nnU-Net's loss settings from the plan, overridden by the user's."""
     if label_manager.has_regions:
         raise HeadzooError("headzoo trainers need label-based training; region-based datasets are not supported")
-    return {**plan_defaults(head_name, configuration_manager, label_manager), **options}
+    return {**plan_defaults(configuration_manager, label_manager), **options}
 
 
 class nnUNetTrainerHead(nnUNetTrainer):
@@ -79,8 +73,7 @@ class nnUNetTrainerHead(nnUNetTrainer):
         for setting, value in self.variant.items():
             setattr(self, setting, value)
         self.enable_deep_supervision = False
-        self.head_options = head_settings(self.head_name, options_from_environment(), self.configuration_manager,
-                                          self.label_manager)
+        self.head_options = head_settings(options_from_environment(), self.configuration_manager, self.label_manager)
         self._record_head()
         # nnU-Net builds the network through self.build_network_architecture; on an instance it must use this
         # trainer's options (restored from a checkpoint by load_checkpoint), not the environment's.

@@ -160,6 +160,49 @@ def leaderboard(results: Path = typer.Option(Path("results.jsonl"), help="result
     console.print(f"wrote {render(results, out)}")
 
 
+@app.command("nnunet-dir")
+def nnunet_dir() -> None:
+    """Print the folder of nnU-Net trainers for every registered head: export nnUNet_extTrainer=$(headzoo nnunet-dir)."""
+    from headzoo.nnunet.train import EXT_TRAINER_FOLDER
+    print(EXT_TRAINER_FOLDER)
+
+
+@app.command("nnunet-train")
+def nnunet_train(dataset: str = typer.Argument(..., help="dataset name or id"),
+                 configuration: str = typer.Argument(..., help="e.g. 3d_fullres"),
+                 fold: str = typer.Argument(..., help="0-4 or all"),
+                 trainer: str = typer.Option(..., "-tr", help="nnUNetTrainer_<head>[_1epoch|_5epochs|_smoke]"),
+                 plans: str = typer.Option("nnUNetPlans", "-p"),
+                 device: str = typer.Option("cuda", "-device", help="cuda, cpu or mps"),
+                 num_gpus: int = typer.Option(1, "-num_gpus", help="DDP over N GPUs"),
+                 continue_training: bool = typer.Option(False, "--c", help="continue from the latest checkpoint"),
+                 validation_only: bool = typer.Option(False, "--val", help="only run the final validation"),
+                 disable_checkpointing: bool = typer.Option(False, "--disable_checkpointing")) -> None:
+    """nnUNetv2_train with a headzoo trainer, resolved directly (works where nnU-Net's discovery cannot import)."""
+    from headzoo.nnunet.train import nnunet_train as train
+    train(dataset, configuration, fold, trainer, plans, device, num_gpus, continue_training, validation_only,
+          disable_checkpointing)
+
+
+@app.command("predict")
+def predict(input_folder: Path = typer.Option(..., "-i", help="images named CASE_XXXX.<file ending>"),
+            output_folder: Path = typer.Option(..., "-o"),
+            dataset: str = typer.Option(..., "-d", help="dataset name or id"),
+            configuration: str = typer.Option(..., "-c"),
+            folds: list[str] = typer.Option(["0", "1", "2", "3", "4"], "-f", help="a fold (repeat -f for several)"),
+            trainer: str = typer.Option(..., "-tr"),
+            plans: str = typer.Option("nnUNetPlans", "-p"),
+            checkpoint: str = typer.Option("checkpoint_final.pth", "-chk"),
+            device: str = typer.Option("cuda", "-device", help="cuda, cpu or mps"),
+            disable_tta: bool = typer.Option(False, "--disable_tta", help="no mirroring"),
+            step_size: float = typer.Option(0.5, "-step_size"),
+            preprocessing_workers: int = typer.Option(3, "-npp", help="0: preprocess in this process")) -> None:
+    """nnUNetv2_predict for headzoo trainers: aggregates only the head's K channels, writes nnU-Net's label files."""
+    from headzoo.nnunet.predict import predict as run_prediction
+    run_prediction(input_folder, output_folder, dataset, configuration, folds, trainer, plans, checkpoint, device,
+                   disable_tta, step_size, preprocessing_workers)
+
+
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit status 2 (HEADZOO_DEBUG=1 for the traceback);
     running out of memory outside the training step, exit status 3."""

@@ -1,0 +1,81 @@
+"""``headzoo nnunet-train``: nnU-Net's own ``run_training`` (same output folders, checkpoints, logs, validation,
+DDP), with the headzoo trainer class resolved directly instead of by nnU-Net's discovery, which imports every
+trainer module nnU-Net ships (Primus → timm → torchvision) and so fails where torchvision cannot load."""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+from pathlib import Path
+
+import torch
+
+from headzoo.errors import HeadzooError
+from headzoo.paths import use_user_nnunet_folders
+
+EXT_TRAINER_FOLDER = Path(__file__).parent / "ext_trainers"
+
+
+def _find_headzoo_trainer(trainer_name: str):
+    from headzoo.nnunet.trainer import resolve_trainer
+    return resolve_trainer(trainer_name)
+
+
+@contextlib.contextmanager
+def trainers_resolved_directly():
+    """nnU-Net's run_training (and each DDP worker it spawns) looks headzoo trainers up by name, directly."""
+    import nnunetv2.run.run_training as run_module
+    saved = run_module.recursive_find_trainer_class_by_name, run_module.run_ddp
+    run_module.recursive_find_trainer_class_by_name = _find_headzoo_trainer
+    run_module.run_ddp = run_ddp_resolved_directly
+    try:
+        yield
+    finally:
+        run_module.recursive_find_trainer_class_by_name, run_module.run_ddp = saved
+
+
+def run_ddp_resolved_directly(rank: int, *args) -> None:
+    """nnU-Net's ``run_ddp`` in a spawned DDP worker, which imports this module instead of inheriting the patch."""
+    import nnunetv2.run.run_training as run_module
+    original = run_module.run_ddp
+    with trainers_resolved_directly():
+        original(rank, *args)
+
+
+def dataset_name(dataset: str) -> str:
+    """``DatasetXXX_Name`` for an id or a name, as nnU-Net resolves it (in its raw, preprocessed and results folders)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        return maybe_convert_to_dataset_name(dataset if dataset.startswith("Dataset") else int(dataset))
+    except (RuntimeError, ValueError):
+        raise HeadzooError(f"no nnU-Net dataset '{dataset}' in nnUNet_raw/nnUNet_preprocessed/nnUNet_results") from None
+
+
+def check_device(device: str) -> torch.device:
+    if device not in ("cpu", "cuda", "mps"):
+        raise HeadzooError(f"-device must be cpu, cuda or mps, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise HeadzooError("-device cuda but no CUDA device is available; use -device cpu")
+    return torch.device(device)
+
+
+def nnunet_train(dataset: str, configuration: str, fold: str, trainer: str, plans: str = "nnUNetPlans",
+                 device: str = "cuda", num_gpus: int = 1, continue_training: bool = False,
+                 only_run_validation: bool = False, disable_checkpointing: bool = False) -> None:
+    """Exactly what ``nnUNetv2_train`` does after parsing its arguments, with ``-tr`` resolved directly."""
+    use_user_nnunet_folders()
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.run.run_training import run_training
+    _find_headzoo_trainer(trainer)
+    name = dataset_name(dataset)
+    if not (Path(nnUNet_preprocessed) / name / f"{plans}.json").is_file():
+        raise HeadzooError(f"{name} has no {plans}.json in {nnUNet_preprocessed}; "
+                           f"run nnUNetv2_plan_and_preprocess -d {dataset} first")
+    torch_device = check_device(device)
+    if device == "cpu":  # as nnUNetv2_train
+        torch.set_num_threads(multiprocessing.cpu_count())
+    elif device == "cuda":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    with trainers_resolved_directly():
+        run_training(dataset, configuration, fold, trainer, plans, None, num_gpus, False, continue_training,
+                     only_run_validation, disable_checkpointing, False, device=torch_device)

@@ -102,6 +102,9 @@ def render(results: Path, out: Path) -> Path:
              "Peak memory: CUDA allocator peak, or on CPU the peak of live tensor bytes (torch MemTracker).", ""]
     if (out / "loss_profile.md").exists():
         lines += ["Loss-only profile (chunked vs direct, the paper's Table 4): [loss_profile.md](loss_profile.md).", ""]
+    if (out / "inference_memory.md").exists():
+        lines += ["Inference memory (nnU-Net's dense predictor vs the K-channel path): "
+                  "[inference_memory.md](inference_memory.md).", ""]
     groups = sorted(frame.groupby(["device_name", "settings"]), key=lambda item: item[0])
     for (device, settings), group in groups:
         lines += [f"## {device} · {settings}", ""]

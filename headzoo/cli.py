@@ -81,7 +81,7 @@ def heads() -> None:
 
 @app.command()
 def toy(classes: int = typer.Option(..., help="number of labels C, background included"),
-        preset: str = typer.Option("small", help="small (CPU minutes), paper (§2.4: 192³, 1000 volumes) or tiny"),
+        preset: str = typer.Option("small", help="small (cost runs), protocol (accuracy on a CPU), paper (§2.4) or tiny"),
         out: Path = typer.Option(..., help="folder to create, in nnU-Net raw format"),
         seed: int = typer.Option(0),
         partial: int = typer.Option(1, help="K > 1: training volumes from K sources, each labelling its own classes")

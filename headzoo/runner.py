@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 import headzoo
-from headzoo.backbone import SegmentationNetwork, build_backbone, check_patch, get_backbone
+from headzoo.backbone import SegmentationNetwork, check_patch, get_backbone
 from headzoo.errors import HeadzooError
 from headzoo.inference import DiceCounter, segment
 from headzoo.measure import is_out_of_memory, measure_peak_memory, summarize_times, timed
-from headzoo.pipeline import PreparedDataset, count_test_cases, prepare_folder, prepare_toy, test_cases, \
-    training_loader
+from headzoo.pipeline import PreparedDataset, build_backbone_from_plan, configuration_name, count_test_cases, \
+    prepare_folder, prepare_toy, test_cases, training_loader
 from headzoo.progress import progress_bar
 from headzoo.registry import create_head, get_head_class
 from headzoo.results import SCHEMA_VERSION
@@ -78,9 +78,7 @@ def validate(config: RunConfig) -> torch.device:
     if config.batch < 1:
         raise HeadzooError(f"--batch must be positive, got {config.batch}")
     get_head_class(config.head)
-    _, default_patch = get_backbone(config.backbone)
-    config.patch = config.patch or (default_patch,) * 3
-    check_patch(config.backbone, config.patch)
+    get_backbone(config.backbone)
     return resolve_device(config.device)
 
 
@@ -93,6 +91,8 @@ def prepare(config: RunConfig) -> PreparedDataset:
         config.classes = prepared.num_classes
     else:
         prepared = prepare_toy(config.preset, config.classes, config.seed, config.partial)
+    config.patch = config.patch or prepared.patch_size(config.backbone)  # the plan is the truth
+    check_patch(config.backbone, config.patch, prepared.architecture(config.backbone))
     shape = prepared.volume_shape()
     if any(p > s for p, s in zip(config.patch, shape)):
         raise HeadzooError(f"patch {'x'.join(map(str, config.patch))} is larger than the volumes "
@@ -136,10 +136,11 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
               "classes": config.classes, "partial": config.partial, "backbone": config.backbone,
               "patch": list(config.patch), "batch": config.batch, "seed": config.seed, "steps": config.steps,
               "warmup": config.warmup, "memory_limit_bytes": config.memory_limit, "dataset": prepared.name,
+              "plan": str(prepared.plans_file), "configuration": configuration_name(config.backbone),
               "options_resolved": options,
               **environment(device), "status": "ok", "error": None}
     torch.manual_seed(config.seed)
-    backbone, features = build_backbone(config.backbone, len(prepared.dataset_json["channel_names"]), config.seed)
+    backbone, features = build_backbone_from_plan(prepared, config.backbone, config.seed)
     head = create_head(config.head, features, config.classes, **options)
     if prepared.partial and not head.accepts_annotated:
         raise HeadzooError(f"the {config.head} head cannot use partially labelled data (annotated classes per "

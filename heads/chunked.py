@@ -13,41 +13,53 @@ from torch import Tensor, nn
 
 from headzoo.errors import HeadzooError
 from headzoo.head import Head
+from headzoo.heads.chunking import chunked_argmax, chunked_logsumexp, chunks, flatten_basis, probabilities
 
 
-def _chunks(num_classes: int, chunk: int):
-    for start in range(0, num_classes, chunk):
-        yield start, min(start + chunk, num_classes)
+def _target_terms(e: Tensor, x: Tensor, y: Tensor, lse: Tensor, ones: Tensor, b: int, batch_dice: bool):
+    """The one-class-per-voxel terms, by a gather: log p of each voxel's target, and per (sample,) class the
+    Dice intersection I_c = Σ_v p_cv [y_v = c] and ground-truth size G_c."""
+    n = x.shape[1]
+    num_classes = e.shape[1]
+    log_p_target = torch.einsum("rn,rn->n", e[:, y], x).sub_(lse)
+    p_target = log_p_target.exp()
+    flat = torch.arange(b, device=x.device).repeat_interleave(n // b) * num_classes + y
+    intersect = x.new_zeros(b * num_classes).index_add_(0, flat, p_target * ones).view(b, num_classes)
+    sum_gt = x.new_zeros(b * num_classes).index_add_(0, flat, ones).view(b, num_classes)
+    if batch_dice:
+        intersect, sum_gt = intersect.sum(0), sum_gt.sum(0)
+    return log_p_target, p_target, intersect, sum_gt
 
 
-def _flatten_basis(basis: Tensor) -> Tensor:
-    """(b, R, *spatial) → (R, b·S): one copy, so every chunk's logits are a single 2-D matmul."""
-    b, rank = basis.shape[:2]
-    return basis.detach().reshape(b, rank, -1).transpose(0, 1).reshape(rank, -1)
-
-
-def _probabilities(operator: Tensor, x: Tensor, start: int, stop: int, lse: Tensor) -> Tensor:
-    """Softmax probabilities of classes [start, stop) for every voxel, (k, N), computed in place."""
-    return torch.mm(operator[:, start:stop].T, x).sub_(lse).exp_()
-
-
-def chunked_max(basis: Tensor, operator: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """max and argmax_c of (Eᵀ·B)_c per voxel, by a running (value, index) over class chunks: O(R + chunk) per voxel."""
-    x = _flatten_basis(basis).to(operator.dtype)
-    best_value = torch.full((x.shape[1],), -math.inf, device=x.device, dtype=x.dtype)
-    best_index = torch.zeros(x.shape[1], device=x.device, dtype=torch.long)
-    for start, stop in _chunks(operator.shape[1], chunk):
-        value, index = torch.mm(operator[:, start:stop].T, x).max(0)
-        better = value > best_value
-        best_value = torch.where(better, value, best_value)
-        best_index = torch.where(better, index + start, best_index)
-    shape = (basis.shape[0], *basis.shape[2:])
-    return best_value.view(shape), best_index.view(shape)
-
-
-def chunked_argmax(basis: Tensor, operator: Tensor, chunk: int) -> Tensor:
-    """argmax_c (Eᵀ·B)_c per voxel without holding all C logits."""
-    return chunked_max(basis, operator, chunk)[1]
+def _dice_pass(e: Tensor, x: Tensor, lse: Tensor, weight: Tensor | None, intersect: Tensor, sum_gt: Tensor,
+               chunk: int, b: int, batch_dice: bool, smooth: float, first: int, count: int):
+    """One pass over class chunks: P_c, the Dice sum, and ∂(−mean Dice)/∂p_cv = m_v (a_c·[y_v = c] + β_c)
+    as a_c, β_c (zero for excluded classes and clamped denominators) and Σ_c β_c p_cv per voxel."""
+    n = x.shape[1]
+    voxels = n // b
+    a, beta = torch.zeros_like(intersect), torch.zeros_like(intersect)
+    dice_sum = x.new_zeros(())
+    p_beta = x.new_zeros(n)
+    for start, stop in chunks(e.shape[1], chunk):
+        p = probabilities(e, x, start, stop, lse, weight)
+        sum_p = p.view(stop - start, b, voxels).sum(-1).T
+        if batch_dice:
+            sum_p = sum_p.sum(0)
+        raw = sum_gt[..., start:stop] + sum_p + smooth
+        denominator = raw.clamp_min(1e-8)
+        numerator = 2 * intersect[..., start:stop] + smooth
+        included = (torch.arange(start, stop, device=x.device) >= first).to(x.dtype)
+        dice_sum += (numerator / denominator * included).sum()
+        live = (raw > 1e-8).to(x.dtype) * included
+        a[..., start:stop] = -2 / (count * denominator) * live
+        beta[..., start:stop] = numerator / (count * denominator ** 2) * live
+        if batch_dice:
+            p_beta += beta[start:stop] @ p
+        else:
+            for i in range(b):
+                block = slice(i * voxels, (i + 1) * voxels)
+                p_beta[block] += beta[i, start:stop] @ p[:, block]
+    return dice_sum, a, beta, p_beta
 
 
 class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
@@ -57,24 +69,24 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
     class-sum part Σ_c β_c p_cv only needs class c's own statistics (β_c from I_c, G_c and P_c), and P_c
     is complete as soon as chunk c's probabilities exist. So:
 
-    - forward pass 1: per-voxel log-sum-exp (online over chunks);
-    - target terms (one class per voxel) by a gather: CE, I_c and G_c;
-    - forward pass 2: per chunk, P_c → the chunk's Dice terms and β_c → accumulate Σ_c β_c p_cv;
+    - forward pass 1 (chunked_logsumexp): per-voxel log-sum-exp, online over chunks;
+    - _target_terms (one class per voxel) by a gather: CE, I_c and G_c;
+    - forward pass 2 (_dice_pass): per chunk, P_c → the chunk's Dice terms and β_c → accumulate Σ_c β_c p_cv;
     - backward, one pass: per chunk, the logit gradient, multiplied into the basis and E gradients.
 
     Per-voxel and per-class vectors only: no b×C×S tensor in forward or backward.
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # fp32 inside, under nnU-Net's autocast
     def forward(ctx, basis: Tensor, operator: Tensor, target: Tensor, chunk: int, batch_dice: bool, do_bg: bool,
                 smooth: float, weight_ce: float, weight_dice: float, ignore_label: int | None) -> Tensor:
         b = basis.shape[0]
         num_classes = operator.shape[1]
         dtype = torch.promote_types(basis.dtype, operator.dtype)
-        x = _flatten_basis(basis).to(dtype)
+        x = flatten_basis(basis).to(dtype)
         e = operator.detach().to(dtype)
         n = x.shape[1]
-        voxels = n // b
         y = target.reshape(n).long()
         weight = None
         if ignore_label is not None:
@@ -83,48 +95,15 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
             weight = valid.to(dtype)
         ones = torch.ones(n, device=x.device, dtype=dtype) if weight is None else weight
 
-        lse = torch.full((n,), -math.inf, device=x.device, dtype=dtype)
-        for start, stop in _chunks(num_classes, chunk):
-            lse = torch.logaddexp(lse, torch.logsumexp(torch.mm(e[:, start:stop].T, x), 0))
-
-        log_p_target = torch.einsum("rn,rn->n", e[:, y], x).sub_(lse)
-        p_target = log_p_target.exp()
-        flat = torch.arange(b, device=x.device).repeat_interleave(voxels) * num_classes + y
-        intersect = x.new_zeros(b * num_classes).index_add_(0, flat, p_target * ones).view(b, num_classes)
-        sum_gt = x.new_zeros(b * num_classes).index_add_(0, flat, ones).view(b, num_classes)
-        if batch_dice:
-            intersect, sum_gt = intersect.sum(0), sum_gt.sum(0)
+        lse = chunked_logsumexp(e, x, chunk)
+        log_p_target, p_target, intersect, sum_gt = _target_terms(e, x, y, lse, ones, b, batch_dice)
         num_valid = ones.sum()
         ce = -(log_p_target * ones).sum() / num_valid if num_valid > 0 else x.new_zeros(())
         ce_coefficient = weight_ce / num_valid if num_valid > 0 else x.new_zeros(())
-
-        # ∂(−mean dice)/∂p_cv = m_v (a_c·[y_v = c] + β_c): zero for excluded classes and clamped denominators
         first = 0 if do_bg else 1
         count = (num_classes - first) * (1 if batch_dice else b)
-        a, beta = torch.zeros_like(intersect), torch.zeros_like(intersect)
-        dice_sum = x.new_zeros(())
-        p_beta = x.new_zeros(n)
-        for start, stop in _chunks(num_classes, chunk):
-            p = _probabilities(e, x, start, stop, lse)
-            if weight is not None:
-                p.mul_(weight)
-            sum_p = p.view(stop - start, b, voxels).sum(-1).T
-            if batch_dice:
-                sum_p = sum_p.sum(0)
-            raw = sum_gt[..., start:stop] + sum_p + smooth
-            denominator = raw.clamp_min(1e-8)
-            numerator = 2 * intersect[..., start:stop] + smooth
-            included = (torch.arange(start, stop, device=x.device) >= first).to(dtype)
-            dice_sum += (numerator / denominator * included).sum()
-            live = (raw > 1e-8).to(dtype) * included
-            a[..., start:stop] = -2 / (count * denominator) * live
-            beta[..., start:stop] = numerator / (count * denominator ** 2) * live
-            if batch_dice:
-                p_beta += beta[start:stop] @ p
-            else:
-                for i in range(b):
-                    block = slice(i * voxels, (i + 1) * voxels)
-                    p_beta[block] += beta[i, start:stop] @ p[:, block]
+        dice_sum, a, beta, p_beta = _dice_pass(e, x, lse, weight, intersect, sum_gt, chunk, b, batch_dice, smooth,
+                                               first, count)
         loss = weight_ce * ce - weight_dice * dice_sum / count
 
         if batch_dice:
@@ -135,6 +114,7 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         return loss.to(basis.dtype)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_output: Tensor):
         x, e, y, lse, p_target, weight, a, beta, p_beta, ce_coefficient = ctx.saved_tensors
         basis_shape, basis_dtype, operator_dtype, chunk, weight_dice = ctx.settings
@@ -152,10 +132,8 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         per_class = (g * weight_dice) * beta
         grad_x = torch.zeros_like(x)
         grad_e = torch.empty_like(e)
-        for start, stop in _chunks(num_classes, chunk):
-            p = _probabilities(e, x, start, stop, lse)
-            if weight is not None:
-                p.mul_(weight)
+        for start, stop in chunks(num_classes, chunk):
+            p = probabilities(e, x, start, stop, lse, weight)
             grad_z = p * per_voxel
             grad_z.view(stop - start, b, voxels).addcmul_(p.view(stop - start, b, voxels),
                                                           per_class[:, start:stop].T.unsqueeze(-1))
@@ -181,10 +159,12 @@ def chunked_dc_and_ce_loss(basis: Tensor, operator: Tensor, target: Tensor, chun
 class ChunkedHead(Head):
     """Low-rank basis (R maps) + operator E; exact chunked softmax CE + Dice; chunked argmax."""
 
-    def __init__(self, in_channels: int, num_classes: int, rank: int | None = None, chunk: int = 30,
-                 batch_dice: bool = True, do_bg: bool = False, smooth: float = 1e-5, weight_ce: float = 1.0,
-                 weight_dice: float = 1.0, ignore_label: int | None = None):
-        super().__init__(in_channels, num_classes)
+    variants = ({"rank": 3, "chunk": 4},)
+
+    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
+                 ignore_label: int | None = None, rank: int | None = None, chunk: int = 30, do_bg: bool = False,
+                 smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0):
+        super().__init__(in_channels, num_classes, batch_dice, ignore_label)
         rank = min(32, num_classes) if rank is None else rank
         if not 1 <= rank <= num_classes:
             raise HeadzooError(f"rank must be in [1, {num_classes}] (at most C), got {rank}")
@@ -200,7 +180,7 @@ class ChunkedHead(Head):
         return self.basis(features)
 
     def loss(self, output: Tensor, target: Tensor, annotated: Tensor | None = None) -> Tensor:
-        self.check_target(output, target, annotated, self.loss_settings["ignore_label"])
+        self.check_target(output, target, annotated)
         return chunked_dc_and_ce_loss(output, self.operator, target, self.chunk, **self.loss_settings)
 
     def predict(self, output: Tensor) -> Tensor:

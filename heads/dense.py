@@ -19,19 +19,18 @@ def build_nnunet_loss(batch_dice: bool = True, do_bg: bool = False, smooth: floa
 class DenseHead(Head):
     """Full-logit baseline: 1×1×1 conv to C channels, nnU-Net's DC_and_CE_loss, argmax."""
 
-    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = True, do_bg: bool = False,
-                 smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0,
-                 ignore_label: int | None = None):
-        super().__init__(in_channels, num_classes)
+    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
+                 ignore_label: int | None = None, do_bg: bool = False, smooth: float = 1e-5,
+                 weight_ce: float = 1.0, weight_dice: float = 1.0):
+        super().__init__(in_channels, num_classes, batch_dice, ignore_label)
         self.conv = nn.Conv3d(in_channels, num_classes, kernel_size=1)
-        self.ignore_label = ignore_label
         self.criterion = build_nnunet_loss(batch_dice, do_bg, smooth, weight_ce, weight_dice, ignore_label)
 
     def forward(self, features: Tensor) -> Tensor:
         return self.conv(features)
 
     def loss(self, output: Tensor, target: Tensor, annotated: Tensor | None = None) -> Tensor:
-        self.check_target(output, target, annotated, self.ignore_label)
+        self.check_target(output, target, annotated)
         return self.criterion(output, target)
 
     def predict(self, output: Tensor) -> Tensor:

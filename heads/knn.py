@@ -14,6 +14,7 @@ from headzoo.errors import HeadzooError
 from headzoo.head import Head
 
 PREDICT_CHUNK = 65536  # voxels per nearest-class search at prediction
+TORCH_SEARCH_ELEMENTS = 2**20  # query × class distances per block of the torch backend's search (4 MiB)
 
 
 def _faiss():
@@ -59,8 +60,10 @@ class ClassIndex:
     def search(self, queries: Tensor, k: int) -> Tensor:
         """Indices (n, k) of the k nearest classes to each query, nearest first."""
         queries = queries.detach().float().contiguous()
-        if self.backend == "torch":
-            return torch.cdist(queries, self._classes).topk(k, dim=1, largest=False).indices
+        if self.backend == "torch":  # in blocks of queries, so the distance matrix never holds N×C
+            rows = max(1, TORCH_SEARCH_ELEMENTS // len(self._classes))
+            return torch.cat([torch.cdist(part, self._classes).topk(k, dim=1, largest=False).indices
+                              for part in queries.split(rows)])
         if self._index_takes(queries):
             return self._index.search(queries, k)[1].long()
         return self._index.search(queries.cpu(), k)[1].long().to(queries.device)  # CUDA tensors, faiss-cpu
@@ -77,10 +80,13 @@ def knn_negatives(neighbours: Tensor, target: Tensor) -> Tensor:
 class KnnHead(Head):
     """ESSNet embeddings: d-dim unit voxel embeddings, CE over target + k FAISS-nearest classes, margin reg."""
 
-    def __init__(self, in_channels: int, num_classes: int, d: int | None = None, k: int = 7,
-                 tau: float = 0.05, margin: float = 0.2, knn_backend: str = "faiss",
-                 embedding_beta1: float = 0.95):
-        super().__init__(in_channels, num_classes)
+    variants = ({"knn_backend": "torch"},)
+
+    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
+                 ignore_label: int | None = None, d: int | None = None, k: int = 7, tau: float = 0.05,
+                 margin: float = 0.2, knn_backend: str = "faiss", embedding_beta1: float = 0.95):
+        """``batch_dice`` is unused (no Dice term); voxels labelled ``ignore_label`` are left out of the loss."""
+        super().__init__(in_channels, num_classes, batch_dice, ignore_label)
         d = min(12, num_classes) if d is None else d
         if not 1 <= d <= num_classes:
             raise HeadzooError(f"d must be in [1, {num_classes}] (at most C), got {d}")
@@ -120,6 +126,9 @@ class KnnHead(Head):
         centroids = self._indexed_centroids()
         x = output.movedim(1, -1).reshape(-1, self.d)
         y = target.reshape(-1).long()
+        if self.ignore_label is not None:
+            keep = y != self.ignore_label
+            x, y = x[keep], y[keep]
         k = min(self.k, self.num_classes - 1)
         negatives = knn_negatives(self.index.search(x, k + 1), y)
         candidates = torch.cat([y[:, None], negatives], dim=1)           # target in slot 0

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from headzoo.errors import HeadzooError
 from headzoo.head import Head
-from headzoo.heads.chunked import chunked_max
+from headzoo.heads.chunking import chunked_max, chunks
 
 
 def sigmoid_class_loss(logits: Tensor, labels: Tensor, target: Tensor, annotated: Tensor) -> Tensor:
@@ -39,8 +39,12 @@ class SigmoidHead(Head):
 
     accepts_annotated = True
 
-    def __init__(self, in_channels: int, num_classes: int, rank: int | None = None, chunk: int = 30):
-        super().__init__(in_channels, num_classes)
+    variants = ({"rank": 4, "chunk": 3},)
+
+    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
+                 ignore_label: int | None = None, rank: int | None = None, chunk: int = 30):
+        """``batch_dice`` is unused: MultiTalent's Dice is always over the batch (eq. 2)."""
+        super().__init__(in_channels, num_classes, batch_dice, ignore_label)
         foreground = num_classes - 1
         if rank is not None and not 1 <= rank <= foreground:
             raise HeadzooError(f"rank must be in [1, {foreground}] (at most C−1), got {rank}")
@@ -60,14 +64,18 @@ class SigmoidHead(Head):
         return torch.matmul(operator[:, start:stop].T, flat) + bias[start:stop, None]
 
     def logits(self, output: Tensor, classes: slice) -> Tensor:
+        """Per-class sigmoid logits; background's score is the constant 0 (every sigmoid's 0.5 threshold),
+        so predict is the argmax over all C scores."""
         start, stop, _ = classes.indices(self.num_classes)
-        if start < 1:
-            raise HeadzooError("the sigmoid head has no background channel: class ranges start at label 1")
+        first = max(start, 1)
         if self.rank is None:
-            return output[:, start - 1:stop - 1]
-        flat = output.flatten(2)
-        return self._chunk_logits(flat, start - 1, stop - 1, self.operator, self.class_bias).view(
-            output.shape[0], stop - start, *output.shape[2:])
+            foreground = output[:, first - 1:stop - 1]
+        else:
+            foreground = self._chunk_logits(output.flatten(2), first - 1, stop - 1, self.operator,
+                                            self.class_bias).view(output.shape[0], stop - first, *output.shape[2:])
+        if start == 0:
+            return torch.cat([torch.zeros_like(output[:, :1]), foreground], 1)
+        return foreground
 
     def loss(self, output: Tensor, target: Tensor, annotated: Tensor | None = None) -> Tensor:
         self.check_target(output, target, annotated)
@@ -81,8 +89,7 @@ class SigmoidHead(Head):
             return sigmoid_class_loss(output.flatten(2), labels, y, mask)
         flat = output.flatten(2)
         total = output.new_zeros(())
-        for start in range(0, self.num_classes - 1, self.chunk):
-            stop = min(start + self.chunk, self.num_classes - 1)
+        for start, stop in chunks(self.num_classes - 1, self.chunk):
             total = total + checkpoint(self._chunk_loss, flat, self.operator, self.class_bias, labels[start:stop],
                                        y, mask[:, start:stop], start, stop, use_reentrant=False)
         return total

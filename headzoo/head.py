@@ -6,6 +6,11 @@ from torch import Tensor, nn
 
 from headzoo.errors import HeadzooError
 
+#: Loss options the runner always passes to a head's constructor, taken from the nnU-Net plan unless the
+#: user sets them with --option: ``batch_dice`` (the plan configuration's) and ``ignore_label`` (the dataset's).
+#: Every head accepts both (the base class stores them); the defaults are nnU-Net's 3d_fullres ones.
+PLAN_OPTIONS = ("batch_dice", "ignore_label")
+
 
 class Head(nn.Module):
     """A segmentation head on backbone features of shape (b, in_channels, *spatial).
@@ -17,12 +22,18 @@ class Head(nn.Module):
     #: whether ``loss`` uses the per-sample annotated-class mask (partially labelled data)
     accepts_annotated: bool = False
 
-    def __init__(self, in_channels: int, num_classes: int):
+    #: option sets the conformance suite runs besides the defaults, e.g. ``({"rank": 4},)``; plug-ins add theirs
+    variants: tuple[dict, ...] = ()
+
+    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
+                 ignore_label: int | None = None):
         super().__init__()
         if num_classes < 2:
             raise HeadzooError(f"num_classes must be at least 2 (background and one class), got {num_classes}")
         self.in_channels = in_channels
         self.num_classes = num_classes
+        self.batch_dice = batch_dice
+        self.ignore_label = ignore_label
 
     def forward(self, features: Tensor) -> Tensor:
         raise NotImplementedError
@@ -44,9 +55,9 @@ class Head(nn.Module):
         """
         return None
 
-    def check_target(self, output: Tensor, target: Tensor, annotated: Tensor | None = None,
-                     ignore_label: int | None = None) -> None:
+    def check_target(self, output: Tensor, target: Tensor, annotated: Tensor | None = None) -> None:
         """Reject targets that do not fit the contract, with one clear line."""
+        ignore_label = self.ignore_label
         if target.ndim != output.ndim or target.shape[1] != 1 or target.shape[0] != output.shape[0] \
                 or target.shape[2:] != output.shape[2:]:
             raise HeadzooError(f"target must have shape {(output.shape[0], 1, *output.shape[2:])}, "

@@ -1,6 +1,7 @@
 """Render a results file into markdown tables and plots: a view of the data, byte-identical for the same input."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -9,10 +10,13 @@ import pandas as pd
 
 from headzoo.errors import HeadzooError
 from headzoo.report import format_bytes, format_seconds, head_label
-from headzoo.results import load_results
+from headzoo.config import from_record, title as settings_title, to_argv
+from headzoo.curves import curve_section
+from headzoo.results import read_records
 
 METRICS = [  # column, title (↑/↓: which way is better), formatter, log scale
     ("dice_mean", "Dice ↑", lambda v: f"{v:.3f}", False),
+    ("dice_worst10_mean", "Dice of the worst 10% of classes ↑", lambda v: f"{v:.3f}", False),
     ("peak_memory_bytes", "Peak memory of a training step ↓", format_bytes, True),
     ("step_time_median_s", "Step time (median) ↓", format_seconds, True),
 ]
@@ -22,45 +26,37 @@ def _label(row) -> str:
     return head_label(row["head"], row["options"])
 
 
-def _partial(row) -> int:
-    value = row.get("partial")
-    return 1 if value is None or pd.isna(value) else int(value)
-
-
-def _memory_limit(row) -> int | None:
-    value = row.get("memory_limit_bytes")
-    return None if value is None or pd.isna(value) else int(value)
-
-
-def _settings(row) -> str:
-    partial, limit = _partial(row), _memory_limit(row)
-    return (f"backbone {row['backbone']}, patch {'x'.join(map(str, row['patch']))}, batch {row['batch']}, "
-            f"{row['steps']} steps, seed {row['seed']}"
-            + (f", partial labels from {partial} sources" if partial > 1 else "")
-            + (f", memory budget {format_bytes(limit)}" if limit else ""))
-
-
-def _sweep_command(group: pd.DataFrame) -> str:
-    """The one `headzoo sweep` command that reproduces a group of cells."""
-    first = group.iloc[0]
-    plain = sorted({r["head"] for _, r in group.iterrows() if not r["options"]})
+def _sweep_command(group: pd.DataFrame, records: list[dict]) -> str:
+    """The one `headzoo sweep` command that reproduces a group of cells: its axes, then its shared settings."""
+    rows = [records[i] for i in group["row"]]
+    plain = sorted({r["head"] for r in rows if not r["options"]})
     variants = sorted({r["head"] + ":" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(r["options"].items()))
-                       for _, r in group.iterrows() if r["options"]})
-    limit = _memory_limit(first)
-    return (f"headzoo sweep --heads {','.join(plain) or chr(34) * 2}"
-            + "".join(f" --variant {v}" for v in variants)
-            + f" --classes {','.join(str(c) for c in sorted(group['classes'].unique()))}"
-            + f" --steps {first['steps']} --patch {'x'.join(map(str, first['patch']))} --batch {first['batch']}"
-            + f" --backbone {first['backbone']} --seed {first['seed']}"
-            + (f" --partial {_partial(first)}" if _partial(first) > 1 else "")
-            + (f" --memory-limit {limit // 2**30}GiB" if limit else ""))
+                       for r in rows if r["options"]})
+    shared = to_argv(from_record(rows[0]), only_changed=True, sweep_only=True)
+    return " ".join(["headzoo sweep", f"--heads {','.join(plain) or chr(34) * 2}",
+                     *(f"--variant {v}" for v in variants),
+                     f"--classes {','.join(str(c) for c in sorted({r['classes'] for r in rows}))}",
+                     f"--seeds {','.join(str(c) for c in sorted({r['seed'] for r in rows}))}", *shared])
 
 
-def _cell(row, column, formatter) -> str:
-    if row["status"] != "ok":
-        return f"`{row['status']}`"
-    value = row.get(column)
-    return "–" if value is None or pd.isna(value) else formatter(value)
+def _plot_name(column: str, device: str, settings: str) -> str:
+    """Named by what the plot shows, so adding a group never renames another group's plot."""
+    return f"{column}-{hashlib.sha1(f'{device} · {settings}'.encode()).hexdigest()[:8]}.png"
+
+
+def _cell(rows: pd.DataFrame, column: str, formatter) -> str:
+    """One cell over a head's seeds at one C: the value, or the mean and [min–max] over seeds; a status
+    where no seed ran ok, and a count of the seeds that did not."""
+    ok = rows[rows["status"] == "ok"]
+    failed = rows[rows["status"] != "ok"]
+    if ok.empty:
+        return ", ".join(f"`{s}`" for s in sorted(set(failed["status"])))
+    values = ok[column].dropna().astype(float) if column in ok else pd.Series(dtype=float)
+    if values.empty:
+        return "–"
+    text = formatter(values.iloc[0]) if len(values) == 1 else \
+        f"{formatter(values.mean())} [{formatter(values.min())}–{formatter(values.max())}]"
+    return text + "".join(f" ({n} `{s}`)" for s, n in sorted(failed["status"].value_counts().items()))
 
 
 def _plot(frame: pd.DataFrame, column: str, title: str, log: bool, path: Path) -> None:
@@ -69,13 +65,14 @@ def _plot(frame: pd.DataFrame, column: str, title: str, log: bool, path: Path) -
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
     for label, rows in sorted(frame.groupby("label"), key=lambda item: item[0]):
-        ok = rows[rows["status"] == "ok"].sort_values("classes")
-        axis.plot(ok["classes"], ok[column], marker="o", label=label)
+        ok = rows[rows["status"] == "ok"].groupby("classes")[column].mean().dropna()  # mean over seeds
+        axis.plot(ok.index, ok.values, marker="o", label=label)
     axis.set_xscale("log")
     if log:
         axis.set_yscale("log")
     axis.set_xlabel("classes C")
-    axis.set_ylabel({"dice_mean": "mean foreground Dice", "peak_memory_bytes": "bytes",
+    axis.set_ylabel({"dice_mean": "mean foreground Dice", "dice_worst10_mean": "Dice, worst 10% of classes",
+                     "peak_memory_bytes": "bytes",
                      "step_time_median_s": "seconds"}[column])
     axis.set_title(title)
     axis.legend(fontsize=8)
@@ -87,15 +84,17 @@ def _plot(frame: pd.DataFrame, column: str, title: str, log: bool, path: Path) -
 
 def render(results: Path, out: Path) -> Path:
     """Write out/README.md and out/*.png from the results file; returns the README path."""
-    frame = load_results(results)
-    if frame.empty:
+    records = read_records(results)
+    if not records:
         raise HeadzooError(f"{results} holds no results")
+    frame = pd.DataFrame(records)
     out.mkdir(parents=True, exist_ok=True)
-    for column, *_ in METRICS:  # plots of groups that no longer exist must not linger
-        for stale in out.glob(f"{column}_*.png"):
+    for prefix in [column for column, *_ in METRICS] + ["curve"]:  # plots of groups that no longer exist
+        for stale in out.glob(f"{prefix}[-_]*.png"):
             stale.unlink()
     frame["label"] = frame.apply(_label, axis=1)
-    frame["settings"] = frame.apply(_settings, axis=1)
+    frame["settings"] = [settings_title(r) for r in records]
+    frame["row"] = range(len(records))
     lines = ["# headzoo leaderboard", "",
              f"Generated by `headzoo leaderboard --results {results} --out {out}` from "
              f"[`{results.name}`]({os.path.relpath(results, out)}); ↑/↓ mark which way is better; "
@@ -104,21 +103,28 @@ def render(results: Path, out: Path) -> Path:
     if (out / "loss_profile.md").exists():
         lines += ["Loss-only profile (chunked vs direct, the paper's Table 4): [loss_profile.md](loss_profile.md).", ""]
     groups = sorted(frame.groupby(["device_name", "settings"]), key=lambda item: item[0])
-    for index, ((device, settings), group) in enumerate(groups):
+    for (device, settings), group in groups:
         lines += [f"## {device} · {settings}", ""]
         classes = sorted(group["classes"].unique())
+        seeds = sorted(group["seed"].unique())
+        if len(seeds) > 1:
+            lines += [f"Seeds {', '.join(map(str, seeds))}: a cell is the mean [min–max] over seeds; two heads differ "
+                      "only where their ranges do not overlap.", ""]
         for column, title, formatter, log in METRICS:
+            if column not in group or group[column].isna().all():
+                continue
             lines += [f"### {title}", "", "| head | " + " | ".join(f"C={c}" for c in classes) + " |",
                       "|---|" + "---|" * len(classes)]
             for label, rows in sorted(group.groupby("label"), key=lambda item: item[0]):
-                by_class = {r["classes"]: _cell(r, column, formatter) for _, r in rows.iterrows()}
+                by_class = {c: _cell(cell, column, formatter) for c, cell in rows.groupby("classes")}
                 lines.append(f"| {label} | " + " | ".join(by_class.get(c, "") for c in classes) + " |")
-            image = f"{column}_{index}.png"
+            image = _plot_name(column, device, settings)
             _plot(group, column, f"{title} — {device}", log, out / image)
             lines += ["", f"![{title}]({image})", ""]
+        lines += curve_section(group, device, settings, out)
         machines = sorted({f"{r['host']} ({r['device_name']}, torch {r['torch']})" for _, r in group.iterrows()
                            if isinstance(r.get("host"), str)})
-        lines += [f"Ran on {', '.join(machines)}. Reproduce:", "", "```bash", _sweep_command(group), "```", ""]
+        lines += [f"Ran on {', '.join(machines)}. Reproduce:", "", "```bash", _sweep_command(group, records), "```", ""]
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     return readme

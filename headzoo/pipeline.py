@@ -11,7 +11,6 @@ paper) make the batches.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -23,14 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from headzoo.backbone import BACKBONES, build_network
 from headzoo.errors import HeadzooError
+from headzoo.locking import file_lock
 from headzoo.paths import cache_root, nnunet_preprocessed, nnunet_raw
 from headzoo.progress import progress_bar
 from headzoo.toy import get_preset, write_toy_dataset
+from headzoo.validation import verify_raw_dataset
 
 PLANS_NAME = "headzooPlans"
 READY_MARKER = "headzoo_ready.json"
@@ -131,17 +131,9 @@ def _dataset_id(key: str) -> int:
     return 10000 + int(hashlib.sha1(key.encode()).hexdigest(), 16) % 90000
 
 
-@contextlib.contextmanager
 def _lock(name: str):
     """Serialise preparation of one dataset across processes (a sweep runs cells side by side)."""
-    path = cache_root() / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(cache_root() / "locks" / f"{name}.lock")
 
 
 def backbone_configurations() -> dict[str, dict]:
@@ -177,10 +169,11 @@ def _environment(**values: str):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
 def _quietly():
     """nnU-Net prints its progress to stdout; keep it in the cache's log instead."""
-    log = cache_root() / "nnunet.log"
-    return contextlib.redirect_stdout(open(log, "a"))
+    with open(cache_root() / "nnunet.log", "a") as log, contextlib.redirect_stdout(log):
+        yield
 
 
 def _plan_and_preprocess(name: str) -> None:
@@ -287,15 +280,32 @@ def validate_raw_dataset(folder: Path) -> dict:
     return dataset_json
 
 
-def prepare_folder(folder: Path) -> PreparedDataset:
-    """A dataset already in nnU-Net raw format (e.g. from `headzoo toy --out`), linked into the cache."""
+def folder_fingerprint(folder: Path) -> str:
+    """A raw dataset folder's identity: a hash of every file's relative path, size and modification time.
+
+    Names, sizes and mtimes, not contents: an edit rewrites a file (new mtime), and hashing the contents
+    of a real CT dataset would cost minutes on every run."""
     folder = Path(folder).resolve()
-    validate_raw_dataset(folder)
-    name = f"Dataset{_dataset_id(str(folder))}_{''.join(c if c.isalnum() else '_' for c in folder.name)}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_folder(folder: Path) -> PreparedDataset:
+    """A dataset already in nnU-Net raw format (e.g. from `headzoo toy --out`), linked into the cache and
+    preprocessed once per content fingerprint: a changed folder is preprocessed again."""
+    folder = Path(folder).resolve()
+    dataset_json = validate_raw_dataset(folder)
+    key = f"{folder}:{folder_fingerprint(folder)}"
+    name = f"Dataset{_dataset_id(key)}_{''.join(c if c.isalnum() else '_' for c in folder.name)}"
     with _lock(name):
         link = nnunet_raw() / name
         if not link.exists():
             link.symlink_to(folder, target_is_directory=True)
+        if not (nnunet_preprocessed() / name / READY_MARKER).is_file():
+            verify_raw_dataset(folder, dataset_json)
         try:
             return _ensure_preprocessed(name)
         except HeadzooError:

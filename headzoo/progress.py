@@ -2,9 +2,9 @@
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-stderr_console = Console(stderr=True)
-
-
 def progress_bar(*extra_columns) -> Progress:
+    """A bar on a terminal; nothing when stderr is a file or pipe (logs and sweep cells stay readable)."""
+    console = Console(stderr=True)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), *extra_columns, console=stderr_console, transient=False)
+                    TimeRemainingColumn(), *extra_columns, console=console, transient=False,
+                    disable=not console.is_terminal)

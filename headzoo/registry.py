@@ -7,6 +7,7 @@ distributions claiming one name is an error that names both; an unknown name get
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
@@ -39,10 +40,16 @@ def _distribution_name(entry_point: EntryPoint) -> str:
     return f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
 
 
+@functools.lru_cache(maxsize=1)
+def _installed() -> tuple[EntryPoint, ...]:
+    """The group's entry points, scanned once per process (a run looks heads up several times)."""
+    return tuple(entry_points(group=GROUP))
+
+
 def discover(points: list[EntryPoint] | None = None) -> dict[str, HeadEntry]:
     """Map head name → entry, without importing any head."""
     found: dict[str, HeadEntry] = {}
-    for point in (entry_points(group=GROUP) if points is None else points):
+    for point in (_installed() if points is None else points):
         entry = HeadEntry(point.name, _distribution_name(point), point)
         previous = found.get(point.name)
         if previous is not None and previous.entry_point.value != point.value:

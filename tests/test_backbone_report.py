@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from headzoo.backbone_report import measure_step, summarize
@@ -37,6 +38,7 @@ def test_measured_step_and_parameters_without_head():
     assert step.seconds > 0 and step.peak.bytes > 32**3 * 16 * 4  # at least the full-resolution features
 
 
+@pytest.mark.slow
 def test_run_with_stu_s_takes_patch_and_network_from_the_plan(tmp_path):
     out = tmp_path / "results.jsonl"
     result = _headzoo("run", "--preset", "tiny", "--backbone", "stu-s", "--head", "chunked", "--classes", "5",

@@ -64,7 +64,7 @@ def test_ignore_label_and_loss_options(batch_dice):
 
 def test_gradients_reach_features_through_the_basis_conv():
     torch.manual_seed(0)
-    head = headzoo.create_head("chunked", 6, 23, rank=4, chunk=7).double()
+    head = headzoo.create_head("chunked", 6, 23, batch_dice=True, rank=4, chunk=7).double()
     features = torch.randn(2, 6, 4, 4, 3, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 23, (2, 1, 4, 4, 3))
     loss = head.loss(head(features), target)
@@ -94,6 +94,7 @@ def test_rank_above_class_count_is_rejected():
         headzoo.create_head("chunked", 4, 10, rank=11)
 
 
+@pytest.mark.slow
 def test_never_holds_a_b_by_c_by_s_tensor():
     """Peak live tensor bytes of forward + backward stay far below one b×C×S float tensor."""
     from torch.distributed._tools.mem_tracker import MemTracker

@@ -13,6 +13,16 @@ def headzoo(*args, cwd=None):
     return subprocess.run([*args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy())
 
 
+def main_in_process(arguments, capsys, monkeypatch):
+    """`headzoo run ...` through the CLI's main() in this process: (exit status, stderr)."""
+    from headzoo.cli import main
+    monkeypatch.setattr(sys, "argv", ["headzoo", *arguments])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["dummy", "dense", "chunked"])
 def test_run_trains_evaluates_and_records(tmp_path, head):
     out = tmp_path / "results.jsonl"
@@ -26,6 +36,7 @@ def test_run_trains_evaluates_and_records(tmp_path, head):
     assert all(record[k] for k in ("device_name", "torch", "headzoo", "git_sha", "time"))
 
 
+@pytest.mark.slow
 def test_rerun_replaces_its_own_row(tmp_path):
     out = tmp_path / "results.jsonl"
     for _ in range(2):
@@ -36,7 +47,8 @@ def test_rerun_replaces_its_own_row(tmp_path):
 BAD_INPUT = [
     (["--head", "dense", "--classes", "1"], "--classes must be at least 2"),
     (["--head", "dense", "--classes", "5", "--device", "tpu"], "unknown device 'tpu'"),
-    (["--head", "dense", "--classes", "5", "--patch", "64"], "larger than the volumes"),
+    pytest.param(["--head", "dense", "--classes", "5", "--patch", "64"], "larger than the volumes",
+                 marks=pytest.mark.slow),  # prepares the toy in-process
     (["--head", "dense", "--classes", "5", "--patch", "20"], "must be divisible by 8"),
     (["--head", "densse", "--classes", "5"], "did you mean 'dense'"),
     (["--head", "chunked", "--classes", "5", "--option", "rank=9"], "rank must be in"),
@@ -45,22 +57,28 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize("arguments,message", BAD_INPUT)
-def test_bad_input_is_one_line_and_leaves_no_record(tmp_path, arguments, message):
+def test_bad_input_is_one_line_and_leaves_no_record(tmp_path, capsys, monkeypatch, arguments, message):
     out = tmp_path / "results.jsonl"
-    result = headzoo(*RUN, *arguments, "--out", str(out))
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    status, stderr = main_in_process([*RUN[3:], *arguments, "--out", str(out)], capsys, monkeypatch)
+    assert status == 2
+    assert message in stderr
+    assert stderr.strip().count("\n") == 0 and "Traceback" not in stderr
     assert not out.exists()
 
 
-def test_unwritable_out_is_refused(tmp_path):
-    result = headzoo(*RUN, "--head", "dense", "--classes", "5", "--out", str(tmp_path / "missing" / "r.jsonl"))
-    assert result.returncode != 0 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+def test_bad_input_in_a_subprocess_exits_2_with_one_line(tmp_path):
+    result = headzoo(*RUN, "--head", "densse", "--classes", "5", "--out", str(tmp_path / "r.jsonl"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "did you mean" in result.stderr
+
+
+def test_unwritable_out_is_refused(tmp_path, capsys, monkeypatch):
+    status, stderr = main_in_process([*RUN[3:], "--head", "dense", "--classes", "5",
+                                      "--out", str(tmp_path / "missing" / "r.jsonl")], capsys, monkeypatch)
+    assert status == 2 and "does not exist" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("corrupt", ["no_json", "foreign_json", "no_labels"])
-def test_corrupt_or_foreign_dataset_folder(tmp_path, corrupt):
+def test_corrupt_or_foreign_dataset_folder(tmp_path, capsys, monkeypatch, corrupt):
     folder = tmp_path / "dataset"
     folder.mkdir()
     if corrupt == "foreign_json":
@@ -69,12 +87,14 @@ def test_corrupt_or_foreign_dataset_folder(tmp_path, corrupt):
         (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "numTraining": 1,
                                                          "channel_names": {"0": "x"}, "file_ending": ".nii.gz"}))
     out = tmp_path / "results.jsonl"
-    result = headzoo(*RUN, "--head", "dense", "--classes", "2", "--dataset", str(folder), "--out", str(out))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and str(folder) in result.stderr
+    status, stderr = main_in_process([*RUN[3:], "--head", "dense", "--classes", "2", "--dataset", str(folder),
+                                      "--out", str(out)], capsys, monkeypatch)
+    assert status == 2 and "Traceback" not in stderr
+    assert stderr.strip().count("\n") == 0 and str(folder) in stderr
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_toy_command_writes_a_dataset_that_run_accepts(tmp_path):
     folder = tmp_path / "toy"
     assert headzoo(sys.executable, "-m", "headzoo", "toy", "--classes", "4", "--preset", "tiny",
@@ -85,6 +105,7 @@ def test_toy_command_writes_a_dataset_that_run_accepts(tmp_path):
     assert json.loads(result.stdout)["classes"] == 4
 
 
+@pytest.mark.slow
 def test_partial_labels_run_with_sigmoid_and_are_refused_by_dense(tmp_path):
     out = tmp_path / "results.jsonl"
     result = headzoo(*RUN, "--head", "sigmoid", "--classes", "7", "--partial", "2", "--out", str(out), "--json")

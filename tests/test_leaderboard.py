@@ -33,3 +33,22 @@ def test_runs_that_differ_in_steps_or_partial_labels_are_different_rows(tmp_path
         upsert_record(path, record)
     assert [(r["steps"], r["partial"], r["dice_mean"]) for r in read_records(path)] == [
         (500, 1, None), (60, 3, None), (60, 1, 0.9)]
+
+
+def test_seeds_are_aggregated_and_curves_give_time_to_reach(tmp_path):
+    results = tmp_path / "results.jsonl"
+
+    def run(head, seed, final, reach_time):
+        curve = [{"step": 10, "train_time_s": reach_time / 2, "dice_mean": final / 3, "dice_worst10_mean": 0.0},
+                 {"step": 20, "train_time_s": reach_time, "dice_mean": final, "dice_worst10_mean": 0.1}]
+        return {**_record(head, 100, dice=final, memory=2**20, time=0.1), "seed": seed, "curve": curve,
+                "dice_worst10_mean": 0.1}
+    records = [run("dense", 0, 0.80, 100.0), run("dense", 1, 0.70, 120.0),
+               run("chunked", 0, 0.60, 50.0), run("chunked", 1, 0.50, 60.0)]
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    readme = render(results, tmp_path / "board").read_text()
+    assert "| dense | 0.750 [0.700–0.800] |" in readme and "| chunked | 0.550 [0.500–0.600] |" in readme
+    assert "Seeds 0, 1" in readme and "Dice of the worst 10% of classes" in readme
+    # D = 0.9 × 0.75: dense reaches it in both seeds (100 s and 120 s), chunked in neither
+    assert "| dense | 110.00 s |" in readme and "| chunked | not reached (0/2) |" in readme
+    assert len(list((tmp_path / "board").glob("curve-C100-*.png"))) == 1

@@ -9,6 +9,7 @@ from headzoo.errors import HeadzooError
 from headzoo.pipeline import build_backbone_from_plan, configuration_name, prepare_toy, training_loader
 
 
+@pytest.mark.slow
 def test_one_frozen_plan_for_every_class_count():
     few, many = prepare_toy("tiny", 3, 0), prepare_toy("tiny", 40, 0)
     for backbone in BACKBONES:
@@ -18,6 +19,7 @@ def test_one_frozen_plan_for_every_class_count():
     assert few.plans["configurations"][configuration_name("small")]["patch_size"] == [32, 32, 32]
 
 
+@pytest.mark.slow
 def test_loader_is_deterministic_and_yields_nnunet_batches():
     prepared = prepare_toy("tiny", 5, 0)
     first = next(training_loader(prepared, (16, 16, 16), 2, seed=4))
@@ -36,6 +38,7 @@ def test_same_seed_same_backbone_whatever_the_head():
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_partial_labels_travel_from_loader_to_mask_with_multitalent_sampling():
     prepared = prepare_toy("tiny", 7, 0, sources=2)
     info = prepared.dataset_json["headzoo"]
@@ -51,10 +54,11 @@ def test_partial_labels_travel_from_loader_to_mask_with_multitalent_sampling():
         assert mask[row].sum() == 1 + len(info["source_classes"][info["case_sources"][key]])
 
 
-HEAVY = ("stu-l", "stu-h")  # 440 M and 1.46 B parameters: tests/test_stunet.py runs them at 32³ (slow)
+HEAVY = ("stu-l", "stu-h")  # 440 M and 1.46 B parameters: tests/test_stunet.py trains them at 32³
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in BACKBONES])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in BACKBONES if n not in HEAVY])
 def test_every_backbone_preset_builds_and_keeps_full_resolution(name):
     _, default_patch = BACKBONES[name]
     edge = min(default_patch, 64)  # the smallest patch each preset accepts is 2 × its downsampling
@@ -72,6 +76,7 @@ def test_patch_checks_follow_the_strides():
         check_patch("stu-b", (48, 48, 48))
 
 
+@pytest.mark.slow
 def test_the_plan_is_the_truth():
     """Editing the frozen plan's configuration changes the network and the default patch; a plan
     frozen before a backbone existed gains its configuration without losing the user's edits."""

@@ -29,7 +29,7 @@ def test_two_distributions_claiming_one_name_is_an_error_naming_both():
 def test_broken_plugin_is_listed_as_broken_and_others_still_work(monkeypatch):
     real = list(registry.entry_points(group=registry.GROUP))
     broken = EntryPoint("broken", "headzoo_module_that_does_not_exist:Head", registry.GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [*real, broken])
+    monkeypatch.setattr(registry, "_installed", lambda: (*real, broken))
     result = CliRunner().invoke(app, ["heads"], terminal_width=300)
     assert result.exit_code == 0
     assert "broken" in result.output and "ModuleNotFoundError" in result.output

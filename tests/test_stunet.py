@@ -79,7 +79,8 @@ def _available_memory_bytes() -> int:
     pytest.param("stu-h", marks=pytest.mark.slow),
 ])
 def test_training_step_at_a_small_patch(name):
-    """Forward and backward at 32³ (strides as nnU-Net plans them for that patch); every used weight gets a gradient."""
+    """Forward and backward at 32³ (strides as nnU-Net plans them for that patch); every used weight
+    gets a gradient."""
     architecture = stunet_architecture(*WIDTH_DEPTH[name], 32)
     parameters = sum(p.numel() for p in _meta(architecture).parameters())
     needed = parameters * 4 * 2 + 2 * 2**30  # weights, gradients, and room for the activations

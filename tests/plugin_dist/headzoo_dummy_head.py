@@ -8,8 +8,8 @@ from headzoo import Head
 class DummyHead(Head):
     """Plug-in example: C logits, cross-entropy only."""
 
-    def __init__(self, in_channels, num_classes):
-        super().__init__(in_channels, num_classes)
+    def __init__(self, in_channels, num_classes, **plan_options):
+        super().__init__(in_channels, num_classes, **plan_options)
         self.conv = nn.Conv3d(in_channels, num_classes, 1)
 
     def forward(self, features):

@@ -1,0 +1,142 @@
+"""The training loop of one run: nnU-Net's train step (autocast on CUDA, gradient clipping), ScheduleFree
+AdamW with the chunked-basis paper's settings, one memory-measured and many timed steps, and held-out
+Dice at the averaged weights every `eval_every` steps (a learning curve), outside the timed steps and
+outside the training time."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+
+from headzoo.backbone import SegmentationNetwork
+from headzoo.config import RunConfig
+from headzoo.errors import ContractViolation
+from headzoo.inference import DiceCounter, segment
+from headzoo.measure import measure_peak_memory, summarize_times, timed
+from headzoo.pipeline import PreparedDataset, count_test_cases, test_cases, training_loader
+from headzoo.progress import progress_bar
+
+# ScheduleFree AdamW with the paper's settings: lr, β1 (the paper's 1−β1 = 0.1), β2, weight decay, warm-up.
+LR, BETA1, BETA2, WEIGHT_DECAY, WARMUP_FRACTION = 0.0025, 0.9, 0.995, 0.0812, 0.02
+
+
+def build_optimizer(network: SegmentationNetwork, steps: int):
+    import schedulefree
+    groups = network.head.param_groups(LR)
+    if groups is None:
+        params = [{"params": list(network.parameters())}]
+    else:
+        grouped = {id(p) for g in groups for p in g["params"]}
+        params = [{"params": [p for p in network.parameters() if id(p) not in grouped]}, *groups]
+    return schedulefree.AdamWScheduleFree(params, lr=LR, betas=(BETA1, BETA2), weight_decay=WEIGHT_DECAY,
+                                          warmup_steps=max(1, round(WARMUP_FRACTION * steps)))
+
+
+class TrainStep:
+    """One step as nnUNetTrainer.train_step takes it: forward + loss under autocast (CUDA only), backward
+    (through a GradScaler under autocast), gradient clipping, optimizer step; the run-time contract checks."""
+
+    def __init__(self, config: RunConfig, network: SegmentationNetwork, optimizer, device: torch.device):
+        self.config, self.network, self.optimizer, self.device = config, network, optimizer, device
+        self.autocast = config.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast else None
+        self.losses: list[float] = []
+
+    def __call__(self, batch: dict) -> None:
+        head, config = self.network.head, self.config
+        image = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        annotated = batch["annotated"].to(self.device) if batch["annotated"] is not None else None
+        with torch.autocast("cuda", enabled=True) if self.autocast else contextlib.nullcontext():
+            output = self.network(image)
+            if output.shape[1] > head.num_classes:
+                raise ContractViolation(f"the {config.head} head's output has {output.shape[1]} channels, more "
+                                        f"than its {head.num_classes} classes")
+            loss = head.loss(output, target, annotated)
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            raise ContractViolation(f"non-finite loss ({value}) at step {len(self.losses)}")
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), config.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(value)
+
+
+def evaluate(config: RunConfig, prepared: PreparedDataset, network: SegmentationNetwork, optimizer,
+             show_progress: bool, label: str) -> DiceCounter:
+    """Held-out Dice by sliding-window inference at the schedule-free averaged weights; back to training after."""
+    network.eval()
+    optimizer.eval()
+    counter = DiceCounter(config.classes, prepared.label_manager.ignore_label)
+    with torch.no_grad(), progress_bar() as bar:
+        task = bar.add_task(label, total=count_test_cases(prepared), visible=show_progress)
+        for key, image, truth in test_cases(prepared):
+            prediction = segment(network, network.head, image, config.patch)
+            counter.update(prediction, truth, key, config.head)
+            bar.advance(task)
+    network.train()
+    optimizer.train()
+    return counter
+
+
+def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: SegmentationNetwork,
+                       device: torch.device, show_progress: bool) -> dict:
+    loader = training_loader(prepared, config.patch, config.batch, config.seed)
+    optimizer = build_optimizer(network, config.steps)
+    network.train()
+    optimizer.train()
+    step = TrainStep(config, network, optimizer, device)
+    times, peak, curve = [], None, []
+    data_time = eval_time = 0.0
+    started = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task(f"train {config.head} C={config.classes}", total=config.steps, visible=show_progress)
+        for index in range(config.steps):
+            fetched = time.perf_counter()
+            batch = next(loader)  # data side, outside the measured step: the annotated-class mask too
+            batch["annotated"] = prepared.annotated_mask(batch["keys"]) if prepared.partial else None
+            data_time += time.perf_counter() - fetched
+            if index == config.warmup:  # one step after warm-up is measured for memory, the rest timed
+                peak = measure_peak_memory(lambda: step(batch), device, network, optimizer)
+            elif index < config.warmup:
+                step(batch)
+            else:
+                times.append(timed(lambda: step(batch), device))
+            bar.update(task, advance=1, description=f"train {config.head} C={config.classes} "
+                                                     f"loss {step.losses[-1]:.3f}")
+            if config.eval_every and (index + 1) % config.eval_every == 0 and index + 1 < config.steps:
+                evaluated = time.perf_counter()
+                trained = evaluated - started - eval_time
+                counter = evaluate(config, prepared, network, optimizer, False, "")
+                eval_time += time.perf_counter() - evaluated
+                curve.append(_curve_point(index + 1, trained, counter))
+    train_time = time.perf_counter() - started - eval_time
+
+    evaluated = time.perf_counter()
+    counter = evaluate(config, prepared, network, optimizer, show_progress, "sliding-window evaluation")
+    if config.eval_every:
+        curve.append(_curve_point(config.steps, train_time, counter))
+    return {
+        "dice_mean": counter.mean_foreground(), "dice_worst10_mean": counter.worst_mean(0.1),
+        "dice_classes_present": counter.classes_scored(),
+        "peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind, "peak_rss_bytes": peak.rss_bytes,
+        **summarize_times(times), "timed_steps": len(times),
+        "loss_first": step.losses[0], "loss_last": float(np.mean(step.losses[-10:])),
+        "train_time_s": train_time, "data_time_s": data_time, "data_share": data_time / train_time,
+        "eval_time_s": time.perf_counter() - evaluated, "curve": curve or None,
+    }
+
+
+def _curve_point(steps: int, train_seconds: float, counter: DiceCounter) -> dict:
+    return {"step": steps, "train_time_s": round(train_seconds, 3), "dice_mean": counter.mean_foreground(),
+            "dice_worst10_mean": counter.worst_mean(0.1)}

@@ -1,6 +1,8 @@
-"""The shared backbone: a dynamic_network_architectures ResidualEncoderUNet built from the frozen
-plan by nnU-Net's own ``get_network_from_plans``, with its final 1×1×1 segmentation conv replaced by
-the head. Deep supervision is off: heads see only the full-resolution decoder output.
+"""The shared backbones, each an architecture in nnU-Net's plans format (class name + kwargs, as
+nnU-Net ≥ 2.4 stores them): dynamic_network_architectures' ResidualEncoderUNet and STU-Net
+(``headzoo.stunet.STUNet``). ``headzoo.pipeline`` writes them into the frozen plan; the network is
+built from the plan by nnU-Net's own ``get_network_from_plans``, with its final 1×1×1 segmentation
+conv replaced by the head. Deep supervision is off: heads see only the full-resolution decoder output.
 """
 from __future__ import annotations
 
@@ -38,6 +40,27 @@ def _resenc(features: list[int], blocks: list[int]) -> dict:
     }
 
 
+STUNET_CLASS = "headzoo.stunet.STUNet"
+_STUNET_LAYERS = {k: _CONV_KWARGS[k] for k in ("conv_op", "conv_bias", "norm_op", "norm_op_kwargs", "nonlin",
+                                               "nonlin_kwargs")}
+
+
+def stunet_architecture(base: int, blocks: int, patch: int) -> dict:
+    """STU-Net's fixed topology (6 stages, base·[1, 2, 4, 8, 16, 16] channels, 3³ kernels). Strides are
+    weight-free, so the paper takes nnU-Net's for the patch: halve while the edge stays ≥ 4 (nnU-Net's
+    smallest feature map), at most 5 times (128³ → 5, as STU-Net's pre-training), then stride 1, as
+    STUNetTrainer pads the plan's strides with 1s."""
+    downsamplings = min(5, int(math.log2(patch // 4)))
+    return {
+        "network_class_name": STUNET_CLASS,
+        "arch_kwargs": {"n_stages": 6, "features_per_stage": [base * m for m in (1, 2, 4, 8, 16, 16)],
+                        "n_blocks_per_stage": [blocks] * 6, "kernel_sizes": [[3, 3, 3]] * 6,
+                        "strides": [[1, 1, 1]] + [[2, 2, 2]] * downsamplings + [[1, 1, 1]] * (5 - downsamplings),
+                        **_STUNET_LAYERS},
+        "_kw_requires_import": ["conv_op", "norm_op", "nonlin"],
+    }
+
+
 # name → (architecture in nnU-Net plans format, default patch edge)
 BACKBONES: dict[str, tuple[dict, int]] = {
     # A CPU-sized ResEnc UNet: 4 stages, 16..128 features.
@@ -47,6 +70,12 @@ BACKBONES: dict[str, tuple[dict, int]] = {
     # the topology, so they share it and differ in the default patch (the paper's 192³ for L).
     "resenc-m": (_resenc([32, 64, 128, 256, 320, 320], [1, 3, 4, 6, 6, 6]), 128),
     "resenc-l": (_resenc([32, 64, 128, 256, 320, 320], [1, 3, 4, 6, 6, 6]), 192),
+    # STU-Net S/B/L/H (paper Table 2: base width 16/32/64/96, 1/1/2/3 residual blocks per stage). S is
+    # sized for a CPU (32³: 3 downsamplings); B/L/H default to the paper's 128³ (5 downsamplings).
+    "stu-s": (stunet_architecture(16, 1, 32), 32),
+    "stu-b": (stunet_architecture(32, 1, 128), 128),
+    "stu-l": (stunet_architecture(64, 2, 128), 128),
+    "stu-h": (stunet_architecture(96, 3, 128), 128),
 }
 
 
@@ -56,15 +85,26 @@ def get_backbone(name: str) -> tuple[dict, int]:
     return BACKBONES[name]
 
 
-def check_patch(name: str, patch: tuple[int, ...]) -> None:
-    architecture, _ = get_backbone(name)
-    factor = math.prod(s[0] for s in architecture["arch_kwargs"]["strides"])
-    if any(p % factor for p in patch):
-        raise HeadzooError(f"patch {'x'.join(map(str, patch))} must be divisible by {factor} "
+def downsampling(architecture: dict) -> tuple[int, ...]:
+    """How much the architecture's strides shrink each axis from input to bottleneck."""
+    strides = architecture["arch_kwargs"]["strides"]
+    return tuple(math.prod(s[axis] for s in strides) for axis in range(len(strides[0])))
+
+
+def _edges_text(edges: tuple[int, ...]) -> str:
+    return str(edges[0]) if len(set(edges)) == 1 else "x".join(map(str, edges))
+
+
+def check_patch(name: str, patch: tuple[int, ...], architecture: dict | None = None) -> None:
+    """A one-line error unless `patch` suits the backbone (the table's architecture unless one is given)."""
+    factors = downsampling(architecture or get_backbone(name)[0])
+    text = "x".join(map(str, patch))
+    if any(p % f for p, f in zip(patch, factors)):
+        raise HeadzooError(f"patch {text} must be divisible by {_edges_text(factors)} "
                            f"for the '{name}' backbone")
-    if min(patch) < 2 * factor:  # instance norm needs more than one voxel at the bottleneck
-        raise HeadzooError(f"patch {'x'.join(map(str, patch))} is too small for the '{name}' backbone: "
-                           f"each edge must be at least {2 * factor}")
+    if any(p < 2 * f for p, f in zip(patch, factors)):  # instance norm needs more than one voxel at the bottleneck
+        raise HeadzooError(f"patch {text} is too small for the '{name}' backbone: each edge must be at least "
+                           f"{_edges_text(tuple(2 * f for f in factors))}")
 
 
 class SegmentationNetwork(nn.Module):
@@ -79,14 +119,32 @@ class SegmentationNetwork(nn.Module):
         return self.head(self.backbone(image))
 
 
-def build_backbone(name: str, in_channels: int, seed: int) -> tuple[nn.Module, int]:
-    """The backbone and its feature count; the same seed gives the same weights whatever the head."""
+def segmentation_layers(network: nn.Module) -> nn.ModuleList:
+    """The network's 1×1×1 segmentation convs, full resolution last (where the head plugs in)."""
+    for path in ("decoder.seg_layers", "seg_outputs"):  # dynamic_network_architectures, STU-Net
+        try:
+            return network.get_submodule(path)
+        except AttributeError:
+            pass
+    raise HeadzooError(f"{type(network).__name__} has neither decoder.seg_layers nor seg_outputs: "
+                       "headzoo cannot attach a head to it")
+
+
+def build_network(architecture: dict, in_channels: int, seed: int) -> tuple[nn.Module, int]:
+    """A plan's architecture built by nnU-Net's get_network_from_plans, its full-resolution seg conv
+    replaced by an identity: (backbone, feature count); the same seed gives the same weights."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    architecture, _ = get_backbone(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
                                           architecture["_kw_requires_import"], in_channels, 1,
                                           allow_init=True, deep_supervision=False)
-    backbone.decoder.seg_layers[-1] = nn.Identity()
-    return backbone, architecture["arch_kwargs"]["features_per_stage"][0]
+    layers = segmentation_layers(backbone)
+    features = layers[-1].in_channels
+    layers[-1] = nn.Identity()
+    return backbone, features
+
+
+def build_backbone(name: str, in_channels: int, seed: int) -> tuple[nn.Module, int]:
+    """The table's backbone `name` (runs build theirs from the frozen plan: pipeline.build_backbone_from_plan)."""
+    return build_network(get_backbone(name)[0], in_channels, seed)

@@ -80,6 +80,47 @@ def heads() -> None:
 
 
 @app.command()
+def backbones(measure: bool = typer.Option(False, help="time a forward+backward step and its peak memory"),
+              only: Optional[str] = typer.Option(None, help="comma-separated backbones (default: all)"),
+              patch: Optional[str] = typer.Option(None, help="N or NxNxN for --measure; default: the "
+                                                  "smallest each backbone accepts, at least 32"),
+              batch: int = typer.Option(2, help="batch for --measure"),
+              device: str = typer.Option("auto", help="auto, cpu or cuda")) -> None:
+    """List the backbones: parameters without head, default patch, stages (and --measure: step cost)."""
+    from headzoo.backbone import check_patch
+    from headzoo.backbone_report import PAPER_CLASSES, backbone_names, measure_step, smallest_patch, summarize
+    from headzoo.config import parse_patch
+    from headzoo.runner import resolve_device
+    names = backbone_names(only)
+    edges = parse_patch(patch) if patch else None
+    for name in names if measure and edges else []:
+        check_patch(name, edges)
+    table = Table("backbone", "class", "params (no head)", "paper count", "patch", "stages")
+    if measure:
+        for column in ("measured", "fwd+bwd s", "peak MiB"):
+            table.add_column(column)
+    target = resolve_device(device) if measure else None
+    for name in names:
+        s = summarize(name)
+        shrink = s.downsampling[0] if len(set(s.downsampling)) == 1 else "x".join(map(str, s.downsampling))
+        row = [name, s.network_class, f"{s.parameters / 1e6:.2f} M", f"{s.parameters_paper / 1e6:.2f} M",
+               f"{s.default_patch}³", f"{s.stages}, ↓{shrink}"]
+        if measure:
+            step = measure_step(name, edges or smallest_patch(name), batch, target)
+            row += [f"{'x'.join(map(str, step.patch))}, batch {step.batch}",
+                    "oom" if step.seconds is None else f"{step.seconds:.2f}",
+                    "oom" if step.peak is None else f"{step.peak.bytes / 2**20:.0f}"]
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"paper count: the whole network with a {PAPER_CLASSES}-class 1×1×1 conv at every decoder "
+                  "stage, as STU-Net's Table 2 counts it; params (no head): without any of those convs; "
+                  "patch: the default; stages, ↓: total downsampling")
+    if measure:
+        console.print(f"measured on {target}: the backbone alone (no head, no optimizer), median of 3 steps "
+                      "after one warm-up; peak memory as `headzoo run` measures it")
+
+
+@app.command()
 def toy(classes: int = typer.Option(..., help="number of labels C, background included"),
         preset: str = typer.Option("small", help="small (cost runs), protocol (accuracy on a CPU), paper (§2.4) or tiny"),
         out: Path = typer.Option(..., help="folder to create, in nnU-Net raw format"),

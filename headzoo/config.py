@@ -97,8 +97,8 @@ class RunConfig:
     options: dict = setting("head option KEY=VALUE (repeatable)", "--option", {}, sweep=False)
     classes: int | None = setting("number of labels C, background included (default: the toy's 100, or the "
                                   "--dataset's)", "--classes", None, sweep=False, parse=int)
-    backbone: str = setting("small (CPU), resenc-m or resenc-l", "--backbone", "small",
-                            title=lambda v: f"backbone {v}")
+    backbone: str = setting("small (CPU), resenc-m, resenc-l, stu-s (CPU), stu-b, stu-l or stu-h "
+                            "(see `headzoo backbones`)", "--backbone", "small", title=lambda v: f"backbone {v}")
     patch: tuple[int, ...] | None = setting("N or NxNxN; default: the backbone's", "--patch", None,
                                             parse=parse_patch, text=patch_text,
                                             title=lambda v: f"patch {patch_text(v)}")

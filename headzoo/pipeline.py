@@ -2,7 +2,9 @@
 
 nnU-Net's fingerprint and ResEnc planner run once per dataset; the plan is then **frozen**: every
 C-dependent choice (patch, batch, topology) is replaced by headzoo's fixed values, one configuration
-per backbone, so every head and class count trains on the same plan. nnU-Net's preprocessor writes
+per backbone, so every head and class count trains on the same plan. The plan is the truth: runs build
+the network and take the default patch from their backbone's configuration (edit the JSON to change
+them). nnU-Net's preprocessor writes
 the training cases; nnU-Net's ``nnUNetDataLoader`` and training transforms (no mirroring, as the
 paper) make the batches.
 """
@@ -20,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from headzoo.backbone import BACKBONES
+from headzoo.backbone import BACKBONES, build_network
 from headzoo.errors import HeadzooError
 from headzoo.locking import file_lock
 from headzoo.paths import cache_root, nnunet_preprocessed, nnunet_raw
@@ -67,8 +70,27 @@ class PreparedDataset:
     def label_manager(self):
         return self.plans_manager.get_label_manager(self.dataset_json)
 
+    @property
+    def plans_file(self) -> Path:
+        return self.preprocessed / f"{PLANS_NAME}.json"
+
     def configuration(self, backbone: str):
-        return self.plans_manager.get_configuration(configuration_name(backbone))
+        """nnU-Net's ConfigurationManager for the frozen plan's configuration of `backbone`."""
+        name = configuration_name(backbone)
+        if name not in self.plans["configurations"]:
+            raise HeadzooError(f"{self.plans_file} has no configuration '{name}' for the '{backbone}' backbone")
+        return self.plans_manager.get_configuration(name)
+
+    def architecture(self, backbone: str) -> dict:
+        """The plan's architecture for `backbone`, in nnU-Net's plans format (class name + kwargs)."""
+        configuration = self.configuration(backbone)
+        return {"network_class_name": configuration.network_arch_class_name,
+                "arch_kwargs": configuration.network_arch_init_kwargs,
+                "_kw_requires_import": configuration.network_arch_init_kwargs_req_import}
+
+    def patch_size(self, backbone: str) -> tuple[int, ...]:
+        """The default patch: the plan's configuration for `backbone`."""
+        return tuple(self.configuration(backbone).patch_size)
 
     def _shapes(self) -> dict[str, list[int]]:
         """Training case → shape after preprocessing (written by the preprocessing step)."""
@@ -114,16 +136,23 @@ def _lock(name: str):
     return file_lock(cache_root() / "locks" / f"{name}.lock")
 
 
+def backbone_configurations() -> dict[str, dict]:
+    """One plan configuration per backbone: its architecture, default patch and batch."""
+    return {configuration_name(backbone): {"inherits_from": DATA_CONFIGURATION, "patch_size": [patch] * 3,
+                                           "batch_size": 2, "architecture": architecture}
+            for backbone, (architecture, patch) in BACKBONES.items()}
+
+
 def frozen_plans(plans: dict) -> dict:
     """nnU-Net's plan with every C-dependent choice replaced by headzoo's fixed values."""
-    fullres = plans["configurations"][DATA_CONFIGURATION]
-    configurations = {DATA_CONFIGURATION: fullres}
-    for backbone, (architecture, patch) in BACKBONES.items():
-        configurations[configuration_name(backbone)] = {
-            "inherits_from": DATA_CONFIGURATION, "patch_size": [patch] * 3, "batch_size": 2,
-            "architecture": architecture,
-        }
+    configurations = {DATA_CONFIGURATION: plans["configurations"][DATA_CONFIGURATION], **backbone_configurations()}
     return {**plans, "plans_name": PLANS_NAME, "configurations": configurations}
+
+
+def build_backbone_from_plan(prepared: PreparedDataset, backbone: str, seed: int) -> tuple[nn.Module, int]:
+    """The backbone as the frozen plan's configuration describes it, built by nnU-Net's
+    get_network_from_plans: (network with the head's seam, feature count). Editing the plan changes it."""
+    return build_network(prepared.architecture(backbone), len(prepared.dataset_json["channel_names"]), seed)
 
 
 @contextlib.contextmanager
@@ -199,9 +228,21 @@ def _load_prepared(name: str) -> PreparedDataset:
                            json.loads((out / "dataset.json").read_text()))
 
 
+def _add_new_backbones(name: str) -> None:
+    """A plan frozen before a backbone joined the table gains its configuration; existing ones
+    (possibly edited by the user) are left as they are."""
+    path = nnunet_preprocessed() / name / f"{PLANS_NAME}.json"
+    plans = json.loads(path.read_text())
+    missing = {k: v for k, v in backbone_configurations().items() if k not in plans["configurations"]}
+    if missing:
+        plans["configurations"].update(missing)
+        path.write_text(json.dumps(plans, indent=1))
+
+
 def _ensure_preprocessed(name: str) -> PreparedDataset:
     if not (nnunet_preprocessed() / name / READY_MARKER).is_file():
         _plan_and_preprocess(name)
+    _add_new_backbones(name)
     return _load_prepared(name)
 
 

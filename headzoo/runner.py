@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 import headzoo
-from headzoo.backbone import SegmentationNetwork, build_backbone, check_patch, get_backbone
+from headzoo.backbone import SegmentationNetwork, check_patch, get_backbone
 from headzoo.config import TOY_CLASSES, RunConfig, new_run_id, to_record
 from headzoo.errors import HeadzooError
 from headzoo.head import PLAN_OPTIONS
 from headzoo.measure import is_out_of_memory
 from headzoo.paths import require_cache
-from headzoo.pipeline import PreparedDataset, folder_fingerprint, prepare_folder, prepare_toy
+from headzoo.pipeline import PreparedDataset, build_backbone_from_plan, configuration_name, \
+    folder_fingerprint, prepare_folder, prepare_toy
 from headzoo.registry import create_head, get_head_class
 from headzoo.results import SCHEMA_VERSION
 from headzoo.training import train_and_evaluate
@@ -66,9 +67,9 @@ def validate(config: RunConfig) -> torch.device:
     if config.batch < 1:
         raise HeadzooError(f"--batch must be positive, got {config.batch}")
     get_head_class(config.head)
-    _, default_patch = get_backbone(config.backbone)
-    config.patch = config.patch or (default_patch,) * 3
-    check_patch(config.backbone, config.patch)
+    get_backbone(config.backbone)
+    if config.patch is not None:  # early, against the table; _prepare checks it against the plan
+        check_patch(config.backbone, config.patch)
     return resolve_device(config.device)
 
 
@@ -97,6 +98,8 @@ def _prepare(config: RunConfig) -> PreparedDataset:
     else:
         config.classes = config.classes or TOY_CLASSES
         prepared = prepare_toy(config.preset, config.classes, config.seed, config.partial)
+    config.patch = config.patch or prepared.patch_size(config.backbone)  # the plan is the truth
+    check_patch(config.backbone, config.patch, prepared.architecture(config.backbone))
     shape = prepared.volume_shape()
     if any(p > s for p, s in zip(config.patch, shape)):
         raise HeadzooError(f"patch {'x'.join(map(str, config.patch))} is larger than the volumes "
@@ -130,10 +133,11 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
     prepared = prepare(config)
     options = head_options(config, prepared)
     record = {"schema_version": SCHEMA_VERSION, **to_record(config), "dataset": prepared.name,
+              "plan": str(prepared.plans_file), "configuration": configuration_name(config.backbone),
               "dataset_fingerprint": dataset_fingerprint(config), "options_resolved": options,
               **environment(device), "status": "ok", "error": None}
     torch.manual_seed(config.seed)
-    backbone, features = build_backbone(config.backbone, len(prepared.dataset_json["channel_names"]), config.seed)
+    backbone, features = build_backbone_from_plan(prepared, config.backbone, config.seed)
     head = create_head(config.head, features, config.classes, **options)
     if prepared.partial and not head.accepts_annotated:
         raise HeadzooError(f"the {config.head} head cannot use partially labelled data (annotated classes per "

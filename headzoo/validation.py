@@ -49,7 +49,7 @@ def verify_raw_dataset(folder: Path, dataset_json: dict) -> None:
             for path in (*images, label):
                 if path.name.endswith(".gz"):
                     check_gzip(path)
-            reader = reader or determine_reader_writer_from_dataset_json(dataset_json, str(images[0]))
+            reader = reader or determine_reader_writer_from_dataset_json(dataset_json, str(images[0]), verbose=False)
             said = io.StringIO()
             with contextlib.redirect_stdout(said):
                 ok = verify_labels(str(label), reader, expected) and \

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from headzoo.errors import HeadzooError
+from headzoo.backbone import segmentation_layers
 from headzoo.head import PLAN_OPTIONS, Head
 from headzoo.registry import create_head
 
@@ -26,14 +26,11 @@ def build_head_network(configuration_manager, num_input_channels: int, num_class
                                      configuration_manager.network_arch_init_kwargs,
                                      configuration_manager.network_arch_init_kwargs_req_import,
                                      num_input_channels, 1, allow_init=True, deep_supervision=False)
-    decoder = getattr(network, "decoder", None)
-    if decoder is None or not hasattr(decoder, "seg_layers"):
-        raise HeadzooError(f"{configuration_manager.network_arch_class_name} has no decoder.seg_layers "
-                           "for a head to replace; headzoo trainers need a dynamic_network_architectures UNet")
-    in_channels = decoder.seg_layers[-1].in_channels
-    for stage in range(len(decoder.seg_layers) - 1):
-        decoder.seg_layers[stage] = nn.Identity()
-    decoder.seg_layers[-1] = create_head(head_name, in_channels, num_classes, **options)
+    seg_layers = segmentation_layers(network)  # ResEnc's decoder.seg_layers or STU-Net's seg_outputs
+    in_channels = seg_layers[-1].in_channels
+    for stage in range(len(seg_layers) - 1):
+        seg_layers[stage] = nn.Identity()
+    seg_layers[-1] = create_head(head_name, in_channels, num_classes, **options)
     return network
 
 
@@ -41,4 +38,4 @@ def head_of(network: nn.Module) -> Head:
     """The head inside a network built by :func:`build_head_network` (through DDP / torch.compile wrappers)."""
     module = getattr(network, "module", network)
     module = getattr(module, "_orig_mod", module)
-    return module.decoder.seg_layers[-1]
+    return segmentation_layers(module)[-1]

@@ -248,9 +248,9 @@ def _ensure_preprocessed(name: str) -> PreparedDataset:
 
 def prepare_toy(preset: str, classes: int, seed: int, sources: int = 1) -> PreparedDataset:
     """The toy dataset for (preset, classes, seed, sources), generated and preprocessed once, then cached."""
-    get_preset(preset)
+    layout = hashlib.sha1(repr(get_preset(preset)).encode()).hexdigest()[:8]  # a changed preset is a new dataset
     partial = f"-p{sources}" if sources > 1 else ""
-    key = f"toy-{preset}-C{classes}-s{seed}{partial}"
+    key = f"toy-{preset}-{layout}-C{classes}-s{seed}{partial}"
     name = f"Dataset{_dataset_id(key)}_HeadzooToy_{preset}_C{classes}_s{seed}{partial.replace('-', '_')}"
     with _lock(name):
         if not (nnunet_raw() / name / "dataset.json").is_file():

@@ -11,6 +11,7 @@ paper) make the batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -47,6 +48,7 @@ class PreparedDataset:
     name: str
     plans: dict
     dataset_json: dict
+    fingerprint: str | None = None  # a --dataset folder's content fingerprint (folder_fingerprint); None: the toy
 
     @property
     def raw(self) -> Path:
@@ -298,7 +300,8 @@ def prepare_folder(folder: Path) -> PreparedDataset:
     preprocessed once per content fingerprint: a changed folder is preprocessed again."""
     folder = Path(folder).resolve()
     dataset_json = validate_raw_dataset(folder)
-    key = f"{folder}:{folder_fingerprint(folder)}"
+    fingerprint = folder_fingerprint(folder)
+    key = f"{folder}:{fingerprint}"
     name = f"Dataset{_dataset_id(key)}_{''.join(c if c.isalnum() else '_' for c in folder.name)}"
     with _lock(name):
         link = nnunet_raw() / name
@@ -307,7 +310,7 @@ def prepare_folder(folder: Path) -> PreparedDataset:
         if not (nnunet_preprocessed() / name / READY_MARKER).is_file():
             verify_raw_dataset(folder, dataset_json)
         try:
-            return _ensure_preprocessed(name)
+            return dataclasses.replace(_ensure_preprocessed(name), fingerprint=fingerprint)
         except HeadzooError:
             raise
         except Exception as error:

@@ -108,7 +108,8 @@ def _prepare(config: RunConfig) -> PreparedDataset:
 
 
 def dataset_fingerprint(config: RunConfig) -> str | None:
-    """The dataset's identity in the results key: a raw folder's content fingerprint (the toy: its settings)."""
+    """The dataset's identity in the results key before the run (a sweep's planning): a raw folder's content
+    fingerprint; None for the toy, whose settings are key fields themselves."""
     return None if config.dataset_folder is None else folder_fingerprint(config.dataset_folder)
 
 
@@ -134,7 +135,7 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
     options = head_options(config, prepared)
     record = {"schema_version": SCHEMA_VERSION, **to_record(config), "dataset": prepared.name,
               "plan": str(prepared.plans_file), "configuration": configuration_name(config.backbone),
-              "dataset_fingerprint": dataset_fingerprint(config), "options_resolved": options,
+              "dataset_fingerprint": prepared.fingerprint, "options_resolved": options,
               **environment(device), "status": "ok", "error": None}
     torch.manual_seed(config.seed)
     backbone, features = build_backbone_from_plan(prepared, config.backbone, config.seed)

@@ -52,9 +52,9 @@ class SweepConfig:
 def plan_grid(settings: dict, heads: list[tuple[str, dict]], classes: list[int], seeds: list[int]) -> list[Cell]:
     """One validated cell per head (with options) × class count × seed; bad input fails here, before any cell."""
     from headzoo.runner import validate
-    base = RunConfig(head=heads[0][0] if heads else "", **settings)
     if not heads:
         raise HeadzooError("--heads and --variant name no head")
+    base = RunConfig(head=heads[0][0], **settings)
     cells = []
     for head, options in heads:
         for c in classes:

@@ -14,28 +14,51 @@ import torch
 class PeakMemory:
     bytes: int       # CUDA allocator peak, or on CPU the peak of live tensor bytes
     kind: str        # "cuda_allocator" or "cpu_live_tensors"
-    rss_bytes: int   # the process's peak resident set so far (cross-check)
+    rss_bytes: int | None  # the process's peak resident set during the step (cross-check); None if unknown
+
+
+def reset_peak_rss() -> bool:
+    """Start the process's peak resident set (VmHWM) afresh: Linux's ``/proc/self/clear_refs`` "5" (proc(5)).
+
+    Without it the peak would be the whole process's, nnU-Net's planning and preprocessing included."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_rss_bytes() -> int:
+    """VmHWM (resettable) where /proc has it, else ru_maxrss (the peak since the process started)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_peak_memory(step: Callable[[], object], device: torch.device, *tracked: object) -> PeakMemory:
     """Run `step` once and report its peak memory; `tracked` (modules, optimizers) exist before it."""
     if device.type == "cuda":
+        rss_known = reset_peak_rss()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        return PeakMemory(torch.cuda.max_memory_allocated(device), "cuda_allocator", peak_rss_bytes())
+        return PeakMemory(torch.cuda.max_memory_allocated(device), "cuda_allocator",
+                          peak_rss_bytes() if rss_known else None)
     from torch.distributed._tools.mem_tracker import MemTracker
+    rss_known = reset_peak_rss()
     tracker = MemTracker()
     tracker.track_external(*tracked)
     with tracker:
         step()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    return PeakMemory(int(peak), "cpu_live_tensors", peak_rss_bytes())
+    return PeakMemory(int(peak), "cpu_live_tensors", peak_rss_bytes() if rss_known else None)
 
 
 def timed(step: Callable[[], object], device: torch.device) -> float:

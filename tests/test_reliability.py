@@ -196,3 +196,15 @@ def test_a_killed_sweep_takes_its_running_cell_with_it(tmp_path):
                 return
         time.sleep(0.05)
     pytest.fail(f"the cell (pid {child}) outlived its sweep")
+
+
+def test_peak_rss_is_the_measured_steps_not_the_whole_processes():
+    """Memory the process touched before the step (nnU-Net's planning takes GiBs) is not the step's peak RSS."""
+    from headzoo.measure import measure_peak_memory, peak_rss_bytes, reset_peak_rss
+    if not reset_peak_rss():
+        pytest.skip("no resettable peak RSS (/proc/self/clear_refs) here")
+    touched = np.ones(512 * 2**20 // 8)  # 512 MiB, freed before the step
+    del touched
+    process_peak = peak_rss_bytes()
+    peak = measure_peak_memory(lambda: torch.ones(1000).sum(), torch.device("cpu"))
+    assert peak.rss_bytes is not None and peak.rss_bytes < process_peak - 256 * 2**20

@@ -6,7 +6,8 @@ import torch
 import headzoo
 from headzoo.backbone import BACKBONES, SegmentationNetwork, build_backbone, check_patch
 from headzoo.errors import HeadzooError
-from headzoo.pipeline import build_backbone_from_plan, configuration_name, prepare_toy, training_loader
+from headzoo.pipeline import (DATA_CONFIGURATION, _reads_intensity_statistics, build_backbone_from_plan,
+                              configuration_name, prepare_toy, training_loader)
 
 
 @pytest.mark.slow
@@ -17,6 +18,13 @@ def test_one_frozen_plan_for_every_class_count():
         assert a.patch_size == b.patch_size and a.network_arch_init_kwargs == b.network_arch_init_kwargs
         assert a.batch_size == b.batch_size and a.spacing == b.spacing
     assert few.plans["configurations"][configuration_name("small")]["patch_size"] == [32, 32, 32]
+    # nothing reads the toy's intensity statistics, so its fingerprint samples few voxels
+    assert set(few.plans["configurations"][DATA_CONFIGURATION]["normalization_schemes"]) == {"ZScoreNormalization"}
+
+
+def test_intensity_statistics_are_sampled_in_full_only_where_ct_normalisation_reads_them():
+    assert not _reads_intensity_statistics({"channel_names": {"0": "code bit 0", "1": "T1"}})
+    assert _reads_intensity_statistics({"channel_names": {"0": "T1", "1": "CT"}})
 
 
 @pytest.mark.slow

@@ -25,6 +25,16 @@ def test_rendering_is_deterministic_and_shows_oom(tmp_path):
     assert "| dense | 0.500 | `oom` |" in readme and "| chunked | 0.400 | 0.100 |" in readme
 
 
+def test_a_cell_that_failed_before_resolving_its_patch_is_in_its_groups_table(tmp_path):
+    results = tmp_path / "results.jsonl"
+    records = [_record("sigmoid", 100, dice=0.2, memory=2**20, time=0.1),
+               {**_record("sigmoid", 10, status="error"), "patch": None}]  # e.g. rank=32 > C−1
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    readme = render(results, tmp_path / "board").read_text()
+    assert sum(line.startswith("## ") for line in readme.splitlines()) == 1
+    assert "| sigmoid | `error` | 0.200 |" in readme
+
+
 def test_runs_that_differ_in_steps_or_partial_labels_are_different_rows(tmp_path):
     from headzoo.results import read_records, upsert_record
     path = tmp_path / "results.jsonl"

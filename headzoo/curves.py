@@ -11,6 +11,7 @@ import pandas as pd
 from headzoo.report import format_seconds
 
 REACH_FRACTION = 0.9  # "time to reach Dice D": D is this fraction of the best head's final mean Dice at C
+LEARNT = 0.1  # below this best final Dice no head has learnt the classes, and D would time noise
 
 
 def _curves(rows: pd.DataFrame) -> list[list[dict]]:
@@ -63,14 +64,19 @@ def curve_section(group: pd.DataFrame, device: str, settings: str, out: Path) ->
         image = f"curve-C{c}-{hashlib.sha1(f'{device} · {settings}'.encode()).hexdigest()[:8]}.png"
         _plot(group, c, out / image, device)
         lines += [f"![Learning curves C={c}]({image})", ""]
-    targets = {}
-    for c in classes:
-        finals = [np.mean([(curve[-1]["dice_mean"] or 0.0) for curve in _curves(rows)])
-                  for _, rows in group[group["classes"] == c].groupby("label") if _curves(rows)]
-        targets[c] = REACH_FRACTION * max(finals)
+    best = {c: max(np.mean([(curve[-1]["dice_mean"] or 0.0) for curve in _curves(rows)])
+                   for _, rows in group[group["classes"] == c].groupby("label") if _curves(rows)) for c in classes}
+    unlearnt = [c for c in classes if best[c] < LEARNT]
+    classes = [c for c in classes if best[c] >= LEARNT]
     lines += [f"### Training time to reach Dice D ↓ (D = {REACH_FRACTION:.0%} of the best head's final mean Dice "
-              "at that C; mean over the seeds that reach it)", "",
-              "| head | " + " | ".join(f"C={c} (D={targets[c]:.3f})" for c in classes) + " |",
+              "at that C; mean over the seeds that reach it)", ""]
+    if unlearnt:
+        lines += ["No time to reach at " + ", ".join(f"C={c} (best final mean Dice {best[c]:.3f})" for c in unlearnt)
+                  + f": below {LEARNT} no head has learnt the classes.", ""]
+    if not classes:
+        return lines
+    targets = {c: REACH_FRACTION * best[c] for c in classes}
+    lines += ["| head | " + " | ".join(f"C={c} (D={targets[c]:.3f})" for c in classes) + " |",
               "|---|" + "---|" * len(classes)]
     for label, rows in sorted(group.groupby("label"), key=lambda item: item[0]):
         cells = []

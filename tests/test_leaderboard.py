@@ -54,11 +54,14 @@ def test_seeds_are_aggregated_and_curves_give_time_to_reach(tmp_path):
         return {**_record(head, 100, dice=final, memory=2**20, time=0.1), "seed": seed, "curve": curve,
                 "dice_worst10_mean": 0.1}
     records = [run("dense", 0, 0.80, 100.0), run("dense", 1, 0.70, 120.0),
-               run("chunked", 0, 0.60, 50.0), run("chunked", 1, 0.50, 60.0)]
+               run("chunked", 0, 0.60, 50.0), run("chunked", 1, 0.50, 60.0),
+               {**run("chunked", 0, 0.002, 500.0), "classes": 1000}]  # nothing learnt: no time to reach
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     readme = render(results, tmp_path / "board").read_text()
     assert "| dense | 0.750 [0.700–0.800] |" in readme and "| chunked | 0.550 [0.500–0.600] |" in readme
     assert "Seeds 0, 1" in readme and "Dice of the worst 10% of classes" in readme
     # D = 0.9 × 0.75: dense reaches it in both seeds (100 s and 120 s), chunked in neither
+    assert "| head | C=100 (D=0.675) |" in readme
     assert "| dense | 110.00 s |" in readme and "| chunked | not reached (0/2) |" in readme
+    assert "No time to reach at C=1000 (best final mean Dice 0.002)" in readme
     assert len(list((tmp_path / "board").glob("curve-C100-*.png"))) == 1

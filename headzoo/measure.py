@@ -1,7 +1,6 @@
 """Peak memory and step time of a whole training step (DESIGN.md "Measurements")."""
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,36 +28,32 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def peak_rss_bytes() -> int:
-    """VmHWM (resettable) where /proc has it, else ru_maxrss (the peak since the process started)."""
+def peak_rss_bytes() -> int | None:
+    """The peak resident set since the last `reset_peak_rss` (Linux's VmHWM); None where /proc lacks it."""
     try:
         with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+            return next((int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:")), None)
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return None
 
 
 def measure_peak_memory(step: Callable[[], object], device: torch.device, *tracked: object) -> PeakMemory:
     """Run `step` once and report its peak memory; `tracked` (modules, optimizers) exist before it."""
+    rss_known = reset_peak_rss()
     if device.type == "cuda":
-        rss_known = reset_peak_rss()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        return PeakMemory(torch.cuda.max_memory_allocated(device), "cuda_allocator",
-                          peak_rss_bytes() if rss_known else None)
-    from torch.distributed._tools.mem_tracker import MemTracker
-    rss_known = reset_peak_rss()
-    tracker = MemTracker()
-    tracker.track_external(*tracked)
-    with tracker:
-        step()
-    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    return PeakMemory(int(peak), "cpu_live_tensors", peak_rss_bytes() if rss_known else None)
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda_allocator"
+    else:
+        from torch.distributed._tools.mem_tracker import MemTracker
+        tracker = MemTracker()
+        tracker.track_external(*tracked)
+        with tracker:
+            step()
+        peak, kind = int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]), "cpu_live_tensors"
+    return PeakMemory(peak, kind, peak_rss_bytes() if rss_known else None)
 
 
 def timed(step: Callable[[], object], device: torch.device) -> float:

@@ -207,4 +207,4 @@ def test_peak_rss_is_the_measured_steps_not_the_whole_processes():
     del touched
     process_peak = peak_rss_bytes()
     peak = measure_peak_memory(lambda: torch.ones(1000).sum(), torch.device("cpu"))
-    assert peak.rss_bytes is not None and peak.rss_bytes < process_peak - 256 * 2**20
+    assert peak.rss_bytes is not None and process_peak is not None and peak.rss_bytes < process_peak - 256 * 2**20

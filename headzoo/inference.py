@@ -1,5 +1,6 @@
-"""Sliding-window inference that averages the head's K-channel output and predicts once, and Dice
-from counts (bincount of prediction and truth), never from a C-channel one-hot."""
+"""Sliding-window inference that averages the head's K-channel output and predicts once, exported to the
+original geometry as nnU-Net exports; Dice per case and class as nnU-Net's evaluation computes it, from counts
+(bincount of prediction and truth), never from a C-channel one-hot."""
 from __future__ import annotations
 
 import itertools
@@ -32,18 +33,28 @@ def sliding_window_output(network: nn.Module, image: torch.Tensor, patch: tuple[
 
 
 class DiceCounter:
-    """Per-class true positives and voxel counts accumulated over volumes, as nnU-Net's evaluation counts:
-    ignore-label voxels are left out, and a class predicted where the reference lacks it scores Dice 0
-    (a false positive); a class absent from both is not scored."""
+    """Dice as nnU-Net's evaluation (``nnunetv2.evaluation.evaluate_predictions``) computes it, from per-case,
+    per-class counts (bincounts of prediction and reference, never a C-channel one-hot).
+
+    Per test case and foreground class: Dice = 2·TP / (2·TP + FP + FN) with ignore-label voxels left out;
+    a class in neither the reference nor the prediction of a case is not scored there (NaN), a class
+    predicted where the reference lacks it scores 0 (a false positive speck counts as much as a missed
+    organ). A class's Dice is its mean over the cases that score it; ``mean_foreground`` is the mean over
+    classes, nnU-Net's ``foreground_mean`` (which is NaN as soon as one label is scored in no case: here
+    such a class is left out instead). ``pooled_mean`` sums the counts over all cases first (headzoo's Dice
+    before schema 3), which hides false positives in cases that lack the class.
+    """
 
     def __init__(self, num_classes: int, ignore_label: int | None = None):
         self.num_classes, self.ignore_label = num_classes, ignore_label
-        self.true_positive = np.zeros(num_classes, np.int64)
-        self.predicted = np.zeros(num_classes, np.int64)
-        self.reference = np.zeros(num_classes, np.int64)
+        self.cases: list[str] = []
+        self._counts: list[np.ndarray] = []  # per case: (3, C) true positives, false positives, false negatives
 
     def update(self, prediction: np.ndarray, truth: np.ndarray, case: str = "a test case", head: str = "the") -> None:
-        prediction, truth = prediction.ravel(), truth.ravel()
+        prediction, truth = np.asarray(prediction).ravel(), np.asarray(truth).ravel()
+        if prediction.shape != truth.shape:
+            raise ContractViolation(f"{head} head's prediction of {case} has {prediction.size} voxels, "
+                                    f"the reference {truth.size}")
         if self.ignore_label is not None:
             keep = truth != self.ignore_label
             prediction, truth = prediction[keep], truth[keep]
@@ -54,15 +65,35 @@ class DiceCounter:
         if prediction.size and (prediction.min() < 0 or prediction.max() >= c):
             bad = prediction.min() if prediction.min() < 0 else prediction.max()
             raise ContractViolation(f"{head} head predicted label {bad}, outside [0, {c})")
-        self.true_positive += np.bincount(truth[prediction == truth], minlength=c)
-        self.predicted += np.bincount(prediction, minlength=c)
-        self.reference += np.bincount(truth, minlength=c)
+        true_positive = np.bincount(truth[prediction == truth], minlength=c)
+        self._counts.append(np.stack([true_positive, np.bincount(prediction, minlength=c) - true_positive,
+                                      np.bincount(truth, minlength=c) - true_positive]))
+        self.cases.append(case)
+
+    @staticmethod
+    def _dice(counts: np.ndarray) -> np.ndarray:
+        """Dice from (3, ...) counts; NaN where a class has no TP, FP or FN."""
+        true_positive, false_positive, false_negative = counts.astype(np.float64)
+        denominator = 2 * true_positive + false_positive + false_negative
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denominator > 0, 2 * true_positive / denominator, np.nan)
+
+    def per_case(self) -> np.ndarray:
+        """(cases, C) Dice of each case and class; NaN where not scored (and for the background, column 0)."""
+        dice = self._dice(np.stack(self._counts, axis=1)) if self._counts else np.empty((0, self.num_classes))
+        dice[:, 0] = np.nan
+        return dice
 
     def per_class(self) -> np.ndarray:
-        """Dice of each foreground class in the reference or the prediction (NaN where in neither)."""
-        scored = (self.reference + self.predicted) > 0
-        dice = np.full(self.num_classes, np.nan)
-        dice[scored] = 2 * self.true_positive[scored] / (self.predicted[scored] + self.reference[scored])
+        """Each class's mean Dice over the cases that score it (nnU-Net's ``mean``); NaN where none does."""
+        dice = self.per_case()
+        scored = np.isfinite(dice).sum(axis=0)
+        with np.errstate(invalid="ignore"):
+            return np.where(scored > 0, np.nansum(dice, axis=0) / np.maximum(scored, 1), np.nan)
+
+    def pooled_per_class(self) -> np.ndarray:
+        """Dice of each class from counts summed over all cases (TP, FP, FN pooled); NaN where not scored."""
+        dice = self._dice(sum(self._counts)) if self._counts else np.full(self.num_classes, np.nan)
         dice[0] = np.nan
         return dice
 
@@ -70,8 +101,11 @@ class DiceCounter:
         return int(np.isfinite(self.per_class()).sum())
 
     def mean_foreground(self) -> float | None:
-        dice = self.per_class()
-        return float(np.nanmean(dice)) if np.isfinite(dice).any() else None
+        """nnU-Net's ``foreground_mean``: the mean over scored foreground classes of their per-case mean."""
+        return _mean(self.per_class())
+
+    def pooled_mean(self) -> float | None:
+        return _mean(self.pooled_per_class())
 
     def worst_mean(self, fraction: float) -> float | None:
         """Mean Dice of the worst `fraction` of scored classes (at least one): what a mean over 1000 hides."""
@@ -79,6 +113,16 @@ class DiceCounter:
         return float(dice[:max(1, int(np.ceil(fraction * dice.size)))].mean()) if dice.size else None
 
 
-def segment(network: nn.Module, head: Head, image: torch.Tensor, patch: tuple[int, ...]) -> np.ndarray:
-    output = sliding_window_output(network, image, patch)
-    return head.predict(output[None])[0].cpu().numpy()
+def _mean(dice: np.ndarray) -> float | None:
+    return float(np.nanmean(dice)) if np.isfinite(dice).any() else None
+
+
+def segment(network: nn.Module, head: Head, image: torch.Tensor, patch: tuple[int, ...], properties: dict,
+            plans_manager, configuration_manager, dataset_json: dict) -> np.ndarray:
+    """A preprocessed case's label map in its original geometry: the head's K channels averaged over sliding
+    windows, exported as nnU-Net exports logits (resampled, cropping reverted, axes transposed back), the head
+    predicting once at the end."""
+    from headzoo.nnunet.predictor import segmentation_in_original_geometry
+    output = sliding_window_output(network, image, patch).cpu()
+    return segmentation_in_original_geometry(output, properties, configuration_manager, plans_manager, dataset_json,
+                                             head, threads=torch.get_num_threads())

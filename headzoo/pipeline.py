@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from typing import NamedTuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,19 +354,29 @@ def training_loader(prepared: PreparedDataset, patch: tuple[int, ...], batch: in
     return loader
 
 
-def test_cases(prepared: PreparedDataset) -> Iterator[tuple[str, torch.Tensor, np.ndarray]]:
-    """Held-out cases preprocessed by nnU-Net as its predictor does: (key, image (c, *shape), labels (*shape))."""
+class HeldOutCase(NamedTuple):
+    key: str
+    image: torch.Tensor      # (c, *shape) preprocessed as nnU-Net's predictor preprocesses
+    properties: dict         # nnU-Net's properties: crop box, spacing, shapes (for the export)
+    reference: np.ndarray    # the raw label file as nnU-Net's reader returns it (original geometry)
+
+
+def test_cases(prepared: PreparedDataset) -> Iterator[HeldOutCase]:
+    """Held-out cases: the images preprocessed by nnU-Net as its predictor does, the raw reference labels
+    (never the preprocessed ones, where nnU-Net's crop marks background outside the body as -1)."""
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     ending = prepared.dataset_json["file_ending"]
     preprocessor = DefaultPreprocessor(verbose=False)
     configuration = prepared.plans_manager.get_configuration(DATA_CONFIGURATION)
+    reader = prepared.plans_manager.image_reader_writer_class()
     for label_file in sorted((prepared.raw / "labelsTs").glob(f"*{ending}")):
         key = label_file.name[: -len(ending)]
         images = sorted(str(p) for p in (prepared.raw / "imagesTs").glob(f"{key}_[0-9][0-9][0-9][0-9]{ending}"))
         with _quietly():
-            data, seg, _ = preprocessor.run_case(images, str(label_file), prepared.plans_manager, configuration,
-                                                 prepared.dataset_json)
-        yield key, torch.from_numpy(data).float(), seg[0].astype(np.int64)
+            data, _, properties = preprocessor.run_case(images, None, prepared.plans_manager, configuration,
+                                                        prepared.dataset_json)
+        reference, _ = reader.read_seg(str(label_file))
+        yield HeldOutCase(key, torch.from_numpy(data).float(), properties, reference[0].astype(np.int64))
 
 
 def count_test_cases(prepared: PreparedDataset) -> int:

@@ -19,7 +19,10 @@ from headzoo.locking import file_lock
 # 2: the key covers the toy preset, the dataset fingerprint, the memory budget, warm-up, learning rate,
 #    gradient clipping and autocast; every record has a run id and the run's every setting (config.RunConfig). v1 rows (no
 #    clipping; CPU, where autocast does nothing) are migrated on read.
-SCHEMA_VERSION = 2
+# 3: `dice_mean` is nnU-Net's Dice (per case, then per class; a false positive in a case without the class
+#    scores 0), `dice_pooled_mean` the old pooled one; every record has an `environment`. v1/v2 rows are
+#    marked `dice_definition: pooled` on read (their dice_mean is the pooled Dice).
+SCHEMA_VERSION = 3
 
 
 def record_key(record: dict, ignore_device: bool = False) -> str:
@@ -32,10 +35,14 @@ def migrate(record: dict) -> dict:
     """A record in the current schema. v1 rows (before the key covered the dataset) were all toy runs."""
     if record.get("schema_version", 1) >= SCHEMA_VERSION:
         return record
+    if record.get("schema_version", 1) == 2:
+        return {**record, "dice_definition": "pooled", "dice_pooled_mean": record.get("dice_mean"),
+                "schema_version": SCHEMA_VERSION}
     preset = re.search(r"HeadzooToy_([A-Za-z0-9-]+)_C", str(record.get("dataset", "")))
     defaults = {"preset": preset.group(1) if preset else None, "dataset_folder": None, "dataset_fingerprint": None,
                 "device": "auto", "lr": 0.0025, "grad_clip": None, "amp": True, "eval_every": None, "curve": None,
-                "run_id": uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(record, sort_keys=True)).hex[:16]}
+                "run_id": uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(record, sort_keys=True)).hex[:16],
+                "dice_definition": "pooled", "dice_pooled_mean": record.get("dice_mean")}
     return {**defaults, **record, "schema_version": SCHEMA_VERSION}
 
 

@@ -14,6 +14,7 @@ import torch
 import headzoo
 from headzoo.backbone import SegmentationNetwork, check_patch, get_backbone
 from headzoo.config import TOY_CLASSES, RunConfig, new_run_id, to_record
+from headzoo.environment import describe
 from headzoo.errors import HeadzooError
 from headzoo.head import PLAN_OPTIONS
 from headzoo.measure import is_out_of_memory
@@ -123,7 +124,7 @@ def head_options(config: RunConfig, prepared: PreparedDataset) -> dict:
 def environment(device: torch.device) -> dict:
     return {"device_name": device_name(device), "torch": torch.__version__, "headzoo": headzoo.__version__,
             "git_sha": git_sha(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "host": platform.node()}
+            "python": platform.python_version(), "host": platform.node(), "environment": describe(device)}
 
 
 def run(config: RunConfig, show_progress: bool = True) -> dict:

@@ -36,7 +36,7 @@ class LogitsOf(torch.nn.Module):
         return self.head.logits(basis, slice(None))
 
 
-def test_dice_from_counts_equals_per_class_formula():
+def test_pooled_dice_from_counts_equals_per_class_formula_over_all_voxels():
     rng = np.random.default_rng(0)
     truth, prediction = rng.integers(0, 6, (2, 10, 10, 10))
     truth[truth == 4] = 0  # class 4 absent from the reference (but predicted)
@@ -45,6 +45,9 @@ def test_dice_from_counts_equals_per_class_formula():
     counter.update(prediction[5:], truth[5:])
     expected = [2 * ((prediction == c) & (truth == c)).sum() / ((prediction == c).sum() + (truth == c).sum())
                 for c in (1, 2, 3, 5)]
-    np.testing.assert_allclose(counter.per_class()[[1, 2, 3, 5]], expected)
-    assert np.isnan(counter.per_class()[0]) and counter.per_class()[4] == 0  # predicted, absent: a false positive
-    np.testing.assert_allclose(counter.mean_foreground(), np.mean([*expected, 0.0]))
+    np.testing.assert_allclose(counter.pooled_per_class()[[1, 2, 3, 5]], expected)
+    assert np.isnan(counter.pooled_per_class()[0]) and counter.pooled_per_class()[4] == 0  # a false positive
+    np.testing.assert_allclose(counter.pooled_mean(), np.mean([*expected, 0.0]))
+    per_case = [[2 * ((p == c) & (t == c)).sum() / ((p == c).sum() + (t == c).sum()) for c in (1, 2, 3, 5)]
+                for p, t in ((prediction[:5], truth[:5]), (prediction[5:], truth[5:]))]
+    np.testing.assert_allclose(counter.per_class()[[1, 2, 3, 5]], np.mean(per_case, axis=0))

@@ -111,13 +111,25 @@ class _HeadLabels:
         return labels.numpy()
 
 
+def segmentation_in_original_geometry(output: torch.Tensor | np.ndarray, properties: dict, configuration_manager,
+                                      plans_manager, dataset_json: dict, head: Head,
+                                      threads: int | None = None) -> np.ndarray:
+    """nnU-Net's export of a (K, *preprocessed shape) output: resampled to the original spacing, the head's
+    prediction put back into the uncropped volume (background outside the crop), axes transposed back; the
+    array nnU-Net's reader returns for the written label file. `threads`: torch threads while resampling
+    (nnU-Net's default otherwise)."""
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    extra = {} if threads is None else {"num_threads_torch": threads}
+    return convert_predicted_logits_to_segmentation_with_correct_shape(
+        output, plans_manager, configuration_manager, _HeadLabels(label_manager, head), properties, **extra)
+
+
 def export_head_prediction(output: torch.Tensor | np.ndarray, properties: dict, configuration_manager, plans_manager,
                            dataset_json: dict, output_file_truncated: str, head: Head) -> None:
     """Resample the K channels to the original geometry (nnU-Net's code), let the head predict, write the label
     file nnU-Net would write, atomically: under a hidden temporary name first, then renamed."""
-    label_manager = plans_manager.get_label_manager(dataset_json)
-    segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
-        output, plans_manager, configuration_manager, _HeadLabels(label_manager, head), properties)
+    segmentation = segmentation_in_original_geometry(output, properties, configuration_manager, plans_manager,
+                                                     dataset_json, head)
     ending = dataset_json["file_ending"]
     folder, name = os.path.split(output_file_truncated)
     final = output_file_truncated + ending

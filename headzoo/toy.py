@@ -53,6 +53,10 @@ PRESETS: dict[str, ToyPreset] = {
     # and twice the objects of `small` (32 per 48³ volume, all placed), so a 32³ patch holds more labelled
     # voxels of more classes; every class of C ≤ 1000 occurs in training (checked in tests/test_toy.py).
     "protocol": ToyPreset(volume=48, box=12, objects=32, volumes=80, train=72, code_bits=16),
+    # The protocol at C = 1000: the same 16-bit class code, twice the objects of `protocol` in smaller boxes
+    # (64 per 48³ volume, 10³ boxes) and 288 training volumes, so each of 999 classes has about 18 training
+    # instances instead of 2.3, and a 32³ patch holds about twice the objects (more class views per step).
+    "protocol1000": ToyPreset(volume=48, box=10, objects=64, volumes=300, train=288, code_bits=16),
     # For tests: seconds to generate and preprocess.
     "tiny": ToyPreset(volume=32, box=10, objects=6, volumes=12, train=10),
 }

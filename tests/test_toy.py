@@ -15,13 +15,13 @@ def missing_in_training(preset: str, num_classes: int) -> set[int]:
     return set(range(1, num_classes)) - {c for g in range(p.train) for c in volume_classes(g, num_classes, p.objects)}
 
 
-@pytest.mark.parametrize("preset", ["small", "protocol", "paper"])
+@pytest.mark.parametrize("preset", ["small", "protocol", "protocol1000", "paper"])
 @pytest.mark.parametrize("num_classes", [2, 10, 100, 200, 1000])
 def test_every_class_occurs_in_training(preset, num_classes):
     assert not missing_in_training(preset, num_classes)
 
 
-@pytest.mark.parametrize("preset", ["small", "protocol"])
+@pytest.mark.parametrize("preset", ["small", "protocol", "protocol1000"])
 def test_cpu_presets_train_every_class_of_every_count_up_to_1000(preset):
     assert [c for c in range(2, 1001) if missing_in_training(preset, c)] == []
 

@@ -141,10 +141,14 @@ def run(settings: dict,
     """Train one head, evaluate it, print Dice / peak memory / step time and record the run."""
     from headzoo.budget import apply_memory_limit
     from headzoo.config import RunConfig
+    from headzoo.protocol import accuracy_note
     from headzoo.report import print_record
+    from headzoo.registry import validate_head_options
     from headzoo.results import check_results_file, upsert_record
-    from headzoo.runner import run as run_head
+    from headzoo.runner import run as run_head, validate
     config = RunConfig(**settings)
+    validate(config)
+    validate_head_options(config)  # before any data is made
     check_results_file(out)
     apply_memory_limit(config.memory_limit_bytes, config.device)
     record = run_head(config, show_progress=not as_json)
@@ -152,7 +156,7 @@ def run(settings: dict,
     if as_json:
         print(json.dumps(record, sort_keys=True))
     else:
-        print_record(record, console)
+        print_record(record, console, accuracy_note(record))
     if record["status"] != "ok":
         raise typer.Exit(1)
 
@@ -161,7 +165,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     """'sigmoid:rank=32,chunk=60' → ('sigmoid', {'rank': 32, 'chunk': 60})."""
     from headzoo.config import parse_option
     head, _, options = text.partition(":")
-    return head, dict(parse_option(o) for o in options.split(",") if o)
+    return head, dict(parse_option(o, f"--variant {text}") for o in options.split(",") if o)
 
 
 def parse_integers(text: str, option: str) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,23 +18,37 @@ from typing import Any
 from headzoo.errors import HeadzooError
 
 TOY_CLASSES = 100  # --classes when neither it nor --dataset is given
-# The accuracy protocol (README, leaderboard/accuracy_experiments.md): settings where Dice means something on
-# 2 CPU cores — the toy with a 16-bit class code and 32 objects per volume, 400 steps at lr 0.02, a curve every 100 steps.
-ACCURACY_PROTOCOL = {"preset": "protocol", "steps": 400, "lr": 0.02, "eval_every": 100}
-
 MEMORY_UNITS = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "kib": 2**10, "tb": 10**12, "gb": 10**9, "mb": 10**6,
                 "kb": 10**3, "b": 1, "": 1}
 
 
-def parse_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE read as JSON where it parses (numbers, true/false, null), else a string."""
-    if "=" not in text:
-        raise HeadzooError(f"--option expects KEY=VALUE, got '{text}'")
-    key, value = text.split("=", 1)
+def parse_option(text: str, flag: str = "--option") -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON where it parses (numbers, true/false, null), else a string; `flag` is
+    the option the text came from, for the message. Whether the head takes it is the head's to say
+    (head.check_head_options)."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise HeadzooError(f"{flag} expects KEY=VALUE, got '{text}'")
     try:
-        return key, json.loads(value)
+        return key.strip(), json.loads(value)
     except ValueError:
-        return key, {"True": True, "False": False, "None": None}.get(value, value)
+        return key.strip(), {"True": True, "False": False, "None": None}.get(value, value)
+
+
+def parse_positive_number(text: str, flag: str) -> float:
+    """A finite number above 0: '--lr inf', 'nan' or '-1' is refused, never recorded (as null) or run."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise HeadzooError(f"{flag}: cannot read '{text}' as a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise HeadzooError(f"{flag} must be a finite number above 0, got '{text}'")
+    return value
+
+
+def parse_grad_clip(text: str) -> float | None:
+    """'none' (no clipping) or the gradient norm to clip at, a finite number above 0."""
+    return None if text.strip().lower() == "none" else parse_positive_number(text, "--grad-clip")
 
 
 def parse_patch(text: str) -> tuple[int, ...]:
@@ -118,9 +133,10 @@ class RunConfig:
                                           title=lambda v: f"dataset {Path(v).name}" if v else None)
     warmup: int = setting("warm-up steps before the memory step", "--warmup", 3)
     lr: float = setting("learning rate of ScheduleFree AdamW (the paper's 0.0025)", "--lr", 0.0025,
+                        parse=lambda t: parse_positive_number(t, "--lr"),
                         title=lambda v: None if v == 0.0025 else f"lr {v:g}")
     grad_clip: float | None = setting("clip the gradient norm at this value, as nnU-Net (12); 'none': off",
-                                      "--grad-clip", 12.0, parse=lambda t: None if t.lower() == "none" else float(t),
+                                      "--grad-clip", 12.0, parse=parse_grad_clip,
                                       text=lambda v: "none" if v is None else f"{v:g}",
                                       title=lambda v: f"gradient clipping at {v:g}" if v else None)
     amp: bool = setting("autocast forward + loss on CUDA, as nnU-Net (no effect on CPU)", "--amp/--no-amp", True,
@@ -185,17 +201,6 @@ def to_argv(config: RunConfig, only_changed: bool = False, sweep_only: bool = Fa
         else:
             argv += [s.flag, s.text(value)]
     return argv
-
-
-def accuracy_note(record: dict) -> str | None:
-    """For a toy run outside the accuracy protocol: what its Dice means, and the command that gives one."""
-    config = from_record(record)
-    if config.dataset_folder is not None or all(getattr(config, k) == v for k, v in ACCURACY_PROTOCOL.items()):
-        return None
-    protocol = dataclasses.replace(config, **ACCURACY_PROTOCOL, patch=None, run_id=None)
-    return (f"This run measures cost (peak memory, step time): Dice after {config.steps} steps on the "
-            f"'{config.preset}' toy is not a quality measure. For Dice, run the accuracy protocol:\n"
-            f"  headzoo run {' '.join(to_argv(protocol, only_changed=True))}")
 
 
 def title(record: dict) -> str:

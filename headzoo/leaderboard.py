@@ -13,7 +13,8 @@ from headzoo.errors import HeadzooError
 from headzoo.report import format_bytes, format_seconds, head_label
 from headzoo.config import from_record, title as settings_title, to_argv
 from headzoo.curves import curve_section
-from headzoo.results import read_records
+from headzoo.headline import OLD_DICE, headline_section, seed_cell
+from headzoo.results import LEADERBOARD_REQUIRED, prepare_leaderboard_folder, read_records
 
 METRICS = [  # column, title (↑/↓: which way is better), formatter, log scale
     ("dice_mean", "Dice ↑", lambda v: f"{v:.3f}", False),
@@ -45,21 +46,6 @@ def _plot_name(column: str, device: str, settings: str) -> str:
     return f"{column}-{hashlib.sha1(f'{device} · {settings}'.encode()).hexdigest()[:8]}.png"
 
 
-def _cell(rows: pd.DataFrame, column: str, formatter) -> str:
-    """One cell over a head's seeds at one C: the value, or the mean and [min–max] over seeds; a status
-    where no seed ran ok, and a count of the seeds that did not."""
-    ok = rows[rows["status"] == "ok"]
-    failed = rows[rows["status"] != "ok"]
-    if ok.empty:
-        return ", ".join(f"`{s}`" for s in sorted(set(failed["status"])))
-    values = ok[column].dropna().astype(float) if column in ok else pd.Series(dtype=float)
-    if values.empty:
-        return "–"
-    text = formatter(values.iloc[0]) if len(values) == 1 else \
-        f"{formatter(values.mean())} [{formatter(values.min())}–{formatter(values.max())}]"
-    return text + "".join(f" ({n} `{s}`)" for s, n in sorted(failed["status"].value_counts().items()))
-
-
 def _plot(frame: pd.DataFrame, column: str, title: str, log: bool, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -71,9 +57,13 @@ def _plot(frame: pd.DataFrame, column: str, title: str, log: bool, path: Path) -
     axis.set_xscale("log")
     if log:
         axis.set_yscale("log")
+    if column == "peak_memory_bytes":
+        from matplotlib.ticker import FuncFormatter
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: format_bytes(value)))
+        axis.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     axis.set_xlabel("classes C")
     axis.set_ylabel({"dice_mean": "mean foreground Dice", "dice_worst10_mean": "Dice, worst 10% of classes",
-                     "peak_memory_bytes": "bytes",
+                     "peak_memory_bytes": "peak memory",
                      "step_time_median_s": "seconds"}[column])
     axis.set_title(title)
     axis.legend(fontsize=8)
@@ -93,14 +83,11 @@ def _with_patch(record: dict) -> dict:
 
 def render(results: Path, out: Path) -> Path:
     """Write out/README.md and out/*.png from the results file; returns the README path."""
-    records = [_with_patch(r) for r in read_records(results)]
+    records = [_with_patch(r) for r in read_records(results, LEADERBOARD_REQUIRED)]
     if not records:
         raise HeadzooError(f"{results} holds no results")
-    frame = pd.DataFrame(records)
-    out.mkdir(parents=True, exist_ok=True)
-    for prefix in [column for column, *_ in METRICS] + ["curve"]:  # plots of groups that no longer exist
-        for stale in out.glob(f"{prefix}[-_]*.png"):
-            stale.unlink()
+    frame = pd.DataFrame(records).fillna({"device_name": "device unknown (a crash row from submitit)"})
+    prepare_leaderboard_folder(out)
     frame["label"] = frame.apply(_label, axis=1)
     frame["settings"] = [settings_title(r) for r in records]
     frame["row"] = range(len(records))
@@ -114,9 +101,12 @@ def render(results: Path, out: Path) -> Path:
     if (out / "inference_memory.md").exists():
         lines += ["Inference memory (nnU-Net's dense predictor vs the K-channel path): "
                   "[inference_memory.md](inference_memory.md).", ""]
+    lines += headline_section(frame, records)
+    lines += ["## All runs", "", f"Every group of settings; {OLD_DICE} marks a Dice that is the pooled one (rows from "
+              "before schema 3, when false positives in test cases without the class were not scored).", ""]
     groups = sorted(frame.groupby(["device_name", "settings"]), key=lambda item: item[0])
     for (device, settings), group in groups:
-        lines += [f"## {device} · {settings}", ""]
+        lines += [f"### {device} · {settings}", ""]
         classes = sorted(group["classes"].unique())
         seeds = sorted(group["seed"].unique())
         if len(seeds) > 1:
@@ -125,14 +115,16 @@ def render(results: Path, out: Path) -> Path:
         for column, title, formatter, log in METRICS:
             if column not in group or group[column].isna().all():
                 continue
-            lines += [f"### {title}", "", "| head | " + " | ".join(f"C={c}" for c in classes) + " |",
+            lines += [f"#### {title}", "", "| head | " + " | ".join(f"C={c}" for c in classes) + " |",
                       "|---|" + "---|" * len(classes)]
             for label, rows in sorted(group.groupby("label"), key=lambda item: item[0]):
-                by_class = {c: _cell(cell, column, formatter) for c, cell in rows.groupby("classes")}
+                by_class = {c: seed_cell(cell, column, formatter) for c, cell in rows.groupby("classes")}
                 lines.append(f"| {label} | " + " | ".join(by_class.get(c, "") for c in classes) + " |")
-            image = _plot_name(column, device, settings)
-            _plot(group, column, f"{title} — {device}", log, out / image)
-            lines += ["", f"![{title}]({image})", ""]
+            lines.append("")
+            if len(classes) > 1:  # a line over C needs two class counts; one is the table above
+                image = _plot_name(column, device, settings)
+                _plot(group, column, f"{title} — {device}", log, out / image)
+                lines += [f"![{title}]({image})", ""]
         lines += curve_section(group, device, settings, out)
         machines = sorted({f"{r['host']} ({r['device_name']}, torch {r['torch']})" for _, r in group.iterrows()
                            if isinstance(r.get("host"), str)})

@@ -6,8 +6,6 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-from headzoo.config import accuracy_note
-
 
 def format_bytes(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -27,7 +25,8 @@ def format_seconds(value: float | None) -> str:
     return "–" if value is None else f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
-def print_record(record: dict, console: Console) -> None:
+def print_record(record: dict, console: Console, note: str | None = None) -> None:
+    """The record as a table; `note` (e.g. protocol.accuracy_note) under it where the run did not fail."""
     table = Table(title=f"{record['head']} · C={record['classes']} · {record['backbone']} · patch "
                         f"{'x'.join(map(str, record['patch']))} · batch {record['batch']} · {record['device_name']}")
     for column in ("status", "Dice ↑", "peak memory ↓", "peak RSS", "step time median ↓", "p20 / p80", "wall"):
@@ -41,5 +40,5 @@ def print_record(record: dict, console: Console) -> None:
     console.print(table)
     if record.get("error"):
         console.print(f"[red]{record['error']}[/red]")
-    elif note := accuracy_note(record):
+    elif note:
         console.print(f"[yellow]{note}[/yellow]")

@@ -6,7 +6,8 @@ import typer
 from typer.testing import CliRunner
 
 from headzoo.cli import with_run_settings
-from headzoo.config import ACCURACY_PROTOCOL, KEY_FIELDS, RunConfig, accuracy_note, from_record, run_settings, to_argv, to_record
+from headzoo.config import KEY_FIELDS, RunConfig, from_record, run_settings, to_argv, to_record
+from headzoo.protocol import accuracy_note, protocol_settings
 
 
 def _parse(argv: list[str]) -> RunConfig:
@@ -41,4 +42,4 @@ def test_the_key_is_every_setting_that_changes_a_result():
 def test_a_short_toy_run_points_at_the_accuracy_protocol():
     note = accuracy_note(to_record(RunConfig(head="chunked", classes=1000)))
     assert "measures cost" in note and "headzoo run --head chunked --classes 1000 --steps 400 --preset protocol" in note
-    assert accuracy_note(to_record(RunConfig(head="dense", **ACCURACY_PROTOCOL))) is None
+    assert accuracy_note(to_record(RunConfig(head="dense", **protocol_settings("dense")))) is None

@@ -7,7 +7,7 @@ def _record(head, classes, status="ok", **values):
     return {"head": head, "options": {}, "classes": classes, "backbone": "small", "patch": [32, 32, 32],
             "batch": 2, "steps": 60, "seed": 0, "device_name": "cpu (test)", "status": status,
             "dice_mean": values.get("dice"), "peak_memory_bytes": values.get("memory"),
-            "step_time_median_s": values.get("time")}
+            "step_time_median_s": values.get("time"), "schema_version": 3, "dice_definition": "nnunet"}
 
 
 def test_rendering_is_deterministic_and_shows_oom(tmp_path):
@@ -31,7 +31,7 @@ def test_a_cell_that_failed_before_resolving_its_patch_is_in_its_groups_table(tm
                {**_record("sigmoid", 10, status="error"), "patch": None}]  # e.g. rank=32 > C−1
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     readme = render(results, tmp_path / "board").read_text()
-    assert sum(line.startswith("## ") for line in readme.splitlines()) == 1
+    assert sum(line.startswith("### cpu") for line in readme.splitlines()) == 1
     assert "| sigmoid | `error` | 0.200 |" in readme
 
 
@@ -65,3 +65,25 @@ def test_seeds_are_aggregated_and_curves_give_time_to_reach(tmp_path):
     assert "| dense | 110.00 s |" in readme and "| chunked | not reached (0/2) |" in readme
     assert "No time to reach at C=1000 (best final mean Dice 0.002)" in readme
     assert len(list((tmp_path / "board").glob("curve-C100-*.png"))) == 1
+
+
+def test_the_headline_shows_the_protocol_first_with_each_heads_learning_rate_budget(tmp_path):
+    from headzoo.protocol import ACCURACY_PROTOCOL, LR_GRID, protocol_lr
+
+    def protocol_run(head, lr, dice, seed=0, **extra):
+        return {**_record(head, 100, dice=dice, memory=2**20, time=0.1), **ACCURACY_PROTOCOL, "lr": lr, "seed": seed,
+                "grad_clip": 12.0, "warmup": 3, "amp": True, "partial": 1, **extra}
+    best = protocol_lr("dense")
+    records = [protocol_run("dense", lr, 0.9 if lr == best else 0.5) for lr in LR_GRID]
+    records += [protocol_run("dense", best, 0.7, seed=1),
+                {**protocol_run("dense", best, 0.8, seed=2), "dice_definition": "pooled", "schema_version": 2}]
+    records += [{**_record("dense", 10, dice=0.3), "steps": 60}]  # not the protocol: under "All runs" only
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    readme = render(results, tmp_path / "board").read_text()
+    headline, all_runs = readme.split("## All runs")
+    assert "## Headline: the accuracy protocol" in headline and "### C = 100 · cpu (test)" in headline
+    assert f"| dense | {best:g} | 3 | 0.800 [0.700–0.900]† |" in headline  # one row with the old Dice: marked
+    assert "C = 10 ·" not in headline and "### cpu (test) · " in all_runs
+    cells = ["**0.900**" if lr == best else "0.500" for lr in LR_GRID]
+    assert "| dense | " + " | ".join(cells) + " |" in headline

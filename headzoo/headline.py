@@ -1,0 +1,79 @@
+"""The leaderboard's first screen: the accuracy protocol's heads × C in one table per class count, and the
+learning-rate budget every head had (protocol.LR_GRID at C = 100, seed 0)."""
+from __future__ import annotations
+
+import pandas as pd
+
+from headzoo.curves import reach_cell, reach_targets
+from headzoo.protocol import ACCURACY_PROTOCOL, LR_GRID, TUNING, is_protocol_run, is_tuning_run, protocol_lr
+from headzoo.report import format_bytes, format_seconds
+
+OLD_DICE = "†"  # a cell with rows whose dice_mean is the pooled Dice (schema < 3)
+
+
+def _dice(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def seed_cell(rows: pd.DataFrame, column: str, formatter) -> str:
+    """Mean [min–max] over the ok seeds ('–' where none has the value), with a count of failed seeds."""
+    ok = rows[rows["status"] == "ok"]
+    values = ok[column].dropna().astype(float) if column in ok else pd.Series(dtype=float)
+    failed = rows[rows["status"] != "ok"]["status"].value_counts()
+    if values.empty:
+        return ", ".join(f"`{s}`" for s in sorted(failed.index)) or "–"
+    low, high = formatter(values.min()), formatter(values.max())
+    text = low if low == high else f"{formatter(values.mean())} [{low}–{high}]"  # seeds that agree: one value
+    if column.startswith("dice") and (ok.get("dice_definition") == "pooled").any():
+        text += OLD_DICE
+    return text + "".join(f" ({n} `{s}`)" for s, n in sorted(failed.items()))
+
+
+def headline_section(frame: pd.DataFrame, records: list[dict]) -> list[str]:
+    """Markdown for the accuracy protocol's runs; [] where the results hold none."""
+    protocol = frame[[is_protocol_run(records[i]) for i in frame["row"]]]
+    lines = []
+    for (device, classes), group in sorted(protocol.groupby(["device_name", "classes"]), key=lambda item: item[0]):
+        targets, unlearnt = reach_targets(group, [classes])
+        target = targets.get(classes)
+        lines += [f"### C = {classes} · {device}", "",
+                  "| head | lr | seeds | Dice ↑ | worst 10% ↑ | pooled Dice | peak memory ↓ | step time ↓ | "
+                  + (f"time to Dice {target:.3f} ↓ |" if target else "time to reach ↓ |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for label, rows in sorted(group.groupby("label"), key=lambda item: item[0]):
+            reach = reach_cell(rows, target) if target else "no head learnt them" if unlearnt else "–"
+            lines.append(" | ".join([
+                f"| {label}", f"{rows['lr'].iloc[0]:g}", str(rows["seed"].nunique()),
+                seed_cell(rows, "dice_mean", _dice), seed_cell(rows, "dice_worst10_mean", _dice),
+                seed_cell(rows, "dice_pooled_mean", _dice), seed_cell(rows, "peak_memory_bytes", format_bytes),
+                seed_cell(rows, "step_time_median_s", format_seconds), reach]) + " |")
+        lines.append("")
+    if not lines:
+        return []
+    settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ACCURACY_PROTOCOL.items())
+    return ["## Headline: the accuracy protocol", "",
+            f"Toy {settings}, backbone small, patch 32³, batch 2, each head at its own learning rate (below). "
+            "Dice is nnU-Net's (per test case and class, then the mean over classes); a cell over seeds is the "
+            "mean [min–max], and two heads differ only where their ranges do not overlap. Time to reach: "
+            "training seconds until the held-out Dice first reaches 90% of the best head's final Dice. "
+            f"{OLD_DICE}: pooled Dice (rows from before false positives in cases without the class were scored).",
+            "", *lines, *tuning_section(frame, records)]
+
+
+def tuning_section(frame: pd.DataFrame, records: list[dict]) -> list[str]:
+    """The same learning-rate grid for every head: final Dice per rate, the chosen (protocol) rate in bold."""
+    tuning = frame[[is_tuning_run(records[i]) for i in frame["row"]]]
+    if tuning.empty:
+        return []
+    lines = ["### Learning-rate budget", "",
+             f"Every head had the same budget: one {ACCURACY_PROTOCOL['steps']}-step run per learning rate at "
+             f"C = {TUNING['classes']}, seed {TUNING['seed']}; its best rate (bold) is its protocol rate above.", "",
+             "| head | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " |", "|---|" + "---|" * len(LR_GRID)]
+    for label, rows in sorted(tuning.groupby("label"), key=lambda item: item[0]):
+        chosen = protocol_lr(rows["head"].iloc[0], rows["options"].iloc[0])
+        cells = []
+        for lr in LR_GRID:
+            cell = seed_cell(rows[rows["lr"] == lr], "dice_mean", _dice) if (rows["lr"] == lr).any() else "not run"
+            cells.append(f"**{cell}**" if lr == chosen else cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]

@@ -1,0 +1,56 @@
+"""The accuracy protocol: settings where Dice means something on 2 CPU cores, and the learning rate each head
+earned on the same grid (README "The accuracy protocol"; runs in leaderboard/accuracy_experiments.md).
+
+Every head gets the same tuning budget: one 400-step run per learning rate of ``LR_GRID`` at C = 100, seed 0,
+on the protocol toy; the rate with the best held-out Dice (nnU-Net's) becomes the head's protocol rate.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from headzoo.config import RunConfig, from_record, to_argv
+from headzoo.report import head_label
+
+# the toy with a 16-bit class code and 32 objects per volume, 400 steps, a curve every 100 steps
+ACCURACY_PROTOCOL = {"preset": "protocol", "steps": 400, "eval_every": 100}
+LR_GRID = (0.005, 0.01, 0.02, 0.05)
+TUNING = {"classes": 100, "seed": 0}  # where the grid ran
+DEFAULT_LR = 0.02  # a head without a grid of its own (a plug-in) starts from the built-in heads' most common best
+#: head label (head_label: the head and its options) → its best rate on LR_GRID (leaderboard "Learning-rate budget")
+PROTOCOL_LR = {"dense": 0.02, "chunked": 0.02, "knn": 0.02, "sigmoid": 0.02, "sigmoid rank=32": 0.02}
+
+
+def protocol_lr(head: str, options: dict | None = None) -> float:
+    return PROTOCOL_LR.get(head_label(head, options), DEFAULT_LR)
+
+
+def protocol_settings(head: str, options: dict | None = None) -> dict:
+    return {**ACCURACY_PROTOCOL, "lr": protocol_lr(head, options)}
+
+
+def is_protocol_run(record: dict) -> bool:
+    """A toy run with the protocol's settings at its head's protocol learning rate, everything else default."""
+    config = from_record(record)
+    default = RunConfig(head=config.head)
+    others = ("backbone", "batch", "partial", "memory_limit_bytes", "warmup", "grad_clip", "amp", "dataset_folder")
+    return (all(getattr(config, k) == v for k, v in protocol_settings(config.head, config.options).items())
+            and all(getattr(config, k) == getattr(default, k) for k in others))
+
+
+def is_tuning_run(record: dict) -> bool:
+    """A run of the learning-rate grid: the protocol at one of LR_GRID's rates, at the tuning class count and seed."""
+    config = from_record(record)
+    tuned = dataclasses.replace(config, lr=protocol_lr(config.head, config.options))
+    return (config.lr in LR_GRID and all(getattr(config, k) == v for k, v in TUNING.items())
+            and is_protocol_run({**record, "lr": tuned.lr}))
+
+
+def accuracy_note(record: dict) -> str | None:
+    """For a toy run outside the accuracy protocol: what its Dice means, and the command that gives one."""
+    config = from_record(record)
+    if config.dataset_folder is not None or is_protocol_run(record):
+        return None
+    protocol = dataclasses.replace(config, **protocol_settings(config.head, config.options), patch=None, run_id=None)
+    return (f"This run measures cost (peak memory, step time): Dice after {config.steps} steps on the "
+            f"'{config.preset}' toy is not a quality measure. For Dice, run the accuracy protocol:\n"
+            f"  headzoo run {' '.join(to_argv(protocol, only_changed=True))}")

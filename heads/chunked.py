@@ -1,6 +1,6 @@
 """``chunked``: a low-rank basis head with an exact chunked softmax CE + Dice loss.
 
-chunked-basis-head-midl2026.md §2.2–2.3: a 1×1×1 conv maps features to R basis maps B and a
+The chunked-basis paper (Jaubert et al., MIDL 2026) §2.2–2.3: a 1×1×1 conv maps features to R basis maps B and a
 learnable operator E (R × C) gives the logits of any class range as Eᵀ·B. The loss streams over
 class chunks and keeps only per-voxel and per-class vectors, never a b×C×S tensor.
 """
@@ -13,8 +13,20 @@ import torch
 from torch import Tensor, nn
 
 from headzoo.errors import HeadzooError
-from headzoo.head import Head
+from headzoo.head import Head, check_option
 from headzoo.heads.chunking import chunked_argmax, chunked_logsumexp, chunks, flatten_basis, probabilities
+
+
+def in_process_group() -> bool:
+    """Whether torch.distributed's default process group is up (nnU-Net's trainer under -num_gpus > 1)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def summed_over_ranks(tensor: Tensor) -> Tensor:
+    """`tensor` summed over the processes of the default group, in place: what nnU-Net's ``ddp=True`` batch Dice
+    computes as ``AllGatherGrad.apply(t).sum(0)``, in one all-reduce."""
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
 
 
 def _target_terms(e: Tensor, x: Tensor, y: Tensor, lse: Tensor, ones: Tensor, b: int, batch_dice: bool):
@@ -33,9 +45,10 @@ def _target_terms(e: Tensor, x: Tensor, y: Tensor, lse: Tensor, ones: Tensor, b:
 
 
 def _dice_pass(e: Tensor, x: Tensor, lse: Tensor, weight: Tensor | None, intersect: Tensor, sum_gt: Tensor,
-               chunk: int, b: int, batch_dice: bool, smooth: float, first: int, count: int):
+               chunk: int, b: int, batch_dice: bool, smooth: float, first: int, count: int, gather: bool):
     """One pass over class chunks: P_c, the Dice sum, and ∂(−mean Dice)/∂p_cv = m_v (a_c·[y_v = c] + β_c)
-    as a_c, β_c (zero for excluded classes and clamped denominators) and Σ_c β_c p_cv per voxel."""
+    as a_c, β_c (zero for excluded classes and clamped denominators) and Σ_c β_c p_cv per voxel.
+    gather: P_c summed over the process group, chunk by chunk, before β_c needs it."""
     n = x.shape[1]
     voxels = n // b
     a, beta = torch.zeros_like(intersect), torch.zeros_like(intersect)
@@ -46,6 +59,8 @@ def _dice_pass(e: Tensor, x: Tensor, lse: Tensor, weight: Tensor | None, interse
         sum_p = p.view(stop - start, b, voxels).sum(-1).T
         if batch_dice:
             sum_p = sum_p.sum(0)
+        if gather:
+            sum_p = summed_over_ranks(sum_p)
         raw = sum_gt[..., start:stop] + sum_p + smooth
         denominator = raw.clamp_min(1e-8)
         numerator = 2 * intersect[..., start:stop] + smooth
@@ -76,12 +91,15 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
     - backward, one pass: per chunk, the logit gradient, multiplied into the basis and E gradients.
 
     Per-voxel and per-class vectors only: no b×C×S tensor in forward or backward.
+
+    ddp (with batch_dice): I_c, G_c and P_c are summed over the process group, so each GPU's Dice is the
+    whole batch's, and the Dice part of the backward takes the group's summed upstream gradient: what
+    nnU-Net's ``ddp=True`` loss does with ``AllGatherGrad`` (gather forward, all-reduce backward).
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # fp32 inside, under nnU-Net's autocast
     def forward(ctx, basis: Tensor, operator: Tensor, target: Tensor, chunk: int, batch_dice: bool, do_bg: bool,
-                smooth: float, weight_ce: float, weight_dice: float, ignore_label: int | None) -> Tensor:
+                smooth: float, weight_ce: float, weight_dice: float, ignore_label: int | None, ddp: bool) -> Tensor:
         b = basis.shape[0]
         num_classes = operator.shape[1]
         dtype = torch.promote_types(basis.dtype, operator.dtype)
@@ -98,39 +116,42 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
 
         lse = chunked_logsumexp(e, x, chunk)
         log_p_target, p_target, intersect, sum_gt = _target_terms(e, x, y, lse, ones, b, batch_dice)
-        num_valid = ones.sum()
-        ce = -(log_p_target * ones).sum() / num_valid if num_valid > 0 else x.new_zeros(())
-        ce_coefficient = weight_ce / num_valid if num_valid > 0 else x.new_zeros(())
+        gather = ddp and batch_dice
+        if gather:
+            intersect, sum_gt = summed_over_ranks(torch.stack((intersect, sum_gt)))
+        num_valid = ones.sum().clamp_min(1e-8)  # as nnU-Net's masked CE: 0, not NaN, when every voxel is ignored
+        ce = -(log_p_target * ones).sum() / num_valid
+        ce_coefficient = weight_ce / num_valid
         first = 0 if do_bg else 1
         count = (num_classes - first) * (1 if batch_dice else b)
         dice_sum, a, beta, p_beta = _dice_pass(e, x, lse, weight, intersect, sum_gt, chunk, b, batch_dice, smooth,
-                                               first, count)
+                                               first, count, gather)
         loss = weight_ce * ce - weight_dice * dice_sum / count
 
         if batch_dice:
             a, beta = a.expand(b, num_classes), beta.expand(b, num_classes)
         ctx.save_for_backward(x, e, y, lse, p_target, weight, a.contiguous(), beta.contiguous(), p_beta,
                               ce_coefficient)
-        ctx.settings = (basis.shape, basis.dtype, operator.dtype, chunk, weight_dice)
+        ctx.settings = (basis.shape, basis.dtype, operator.dtype, chunk, weight_dice, gather)
         return loss.to(basis.dtype)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_output: Tensor):
         x, e, y, lse, p_target, weight, a, beta, p_beta, ce_coefficient = ctx.saved_tensors
-        basis_shape, basis_dtype, operator_dtype, chunk, weight_dice = ctx.settings
+        basis_shape, basis_dtype, operator_dtype, chunk, weight_dice, gather = ctx.settings
         b = basis_shape[0]
         rank, n = x.shape
         voxels = n // b
         num_classes = e.shape[1]
         g = grad_output.to(x.dtype)
+        g_dice = summed_over_ranks(g.clone()) if gather else g  # AllGatherGrad's backward: the group's gradients
         a_target = a[torch.arange(b, device=x.device).repeat_interleave(voxels), y]
         ones = torch.ones_like(p_target) if weight is None else weight
         t = ones * a_target * p_target + p_beta  # Σ_c p_cv ∂L_dice/∂p_cv (p_beta is already masked)
 
         # ∂L/∂z_cv = p_cv (m_v w_ce/N − w_dice t_v + w_dice m_v β_c) + [y_v = c] m_v (w_dice a_c p_cv − w_ce/N)
-        per_voxel = g * (ce_coefficient * ones - weight_dice * t)
-        per_class = (g * weight_dice) * beta
+        per_voxel = g * ce_coefficient * ones - g_dice * weight_dice * t
+        per_class = (g_dice * weight_dice) * beta
         grad_x = torch.zeros_like(x)
         grad_e = torch.empty_like(e)
         for start, stop in chunks(num_classes, chunk):
@@ -140,21 +161,27 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
                                                           per_class[:, start:stop].T.unsqueeze(-1))
             grad_x.addmm_(e[:, start:stop], grad_z)
             torch.mm(x, grad_z.T, out=grad_e[:, start:stop])
-        target_term = g * ones * (weight_dice * a_target * p_target - ce_coefficient)
+        target_term = ones * (g_dice * weight_dice * a_target * p_target - g * ce_coefficient)
         grad_x.addcmul_(e[:, y], target_term)
         grad_e.index_add_(1, y, x * target_term)
 
         grad_basis = grad_x.view(rank, b, voxels).transpose(0, 1).reshape(basis_shape).to(basis_dtype)
-        return grad_basis, grad_e.to(operator_dtype), None, None, None, None, None, None, None, None
+        return grad_basis, grad_e.to(operator_dtype), None, None, None, None, None, None, None, None, None
 
 
 def chunked_dc_and_ce_loss(basis: Tensor, operator: Tensor, target: Tensor, chunk: int = 30,
                            batch_dice: bool = True, do_bg: bool = False, smooth: float = 1e-5,
                            weight_ce: float = 1.0, weight_dice: float = 1.0,
-                           ignore_label: int | None = None) -> Tensor:
-    """The exact nnU-Net Dice + CE loss of logits Eᵀ·basis, never holding b×C×S."""
-    return ChunkedSoftmaxDiceCELoss.apply(basis, operator, target, chunk, batch_dice, do_bg, smooth,
-                                          weight_ce, weight_dice, ignore_label)
+                           ignore_label: int | None = None, ddp: bool = False) -> Tensor:
+    """The exact nnU-Net Dice + CE loss of logits Eᵀ·basis, never holding b×C×S.
+
+    Under nnU-Net's autocast it runs in fp32 with autocast off for the tensors' own device (the forward
+    promotes a half basis to the operator's fp32), and its backward runs where the step's backward runs,
+    outside autocast. Named by device rather than fixed to CUDA, so an autocast emulated on the CPU
+    (headzoo.cuda_autocast) is switched off here as CUDA's is on a GPU."""
+    with torch.autocast(basis.device.type, enabled=False):
+        return ChunkedSoftmaxDiceCELoss.apply(basis, operator, target, chunk, batch_dice, do_bg, smooth,
+                                              weight_ce, weight_dice, ignore_label, ddp)
 
 
 def _triton_kernels():
@@ -187,13 +214,16 @@ class ChunkedHead(Head):
     kernel: ``torch`` (the chunked loop above; the default until the fused kernels have run on a GPU —
     so far they are checked only under Triton's interpreter), ``triton`` (heads/chunked_triton.py's fused
     kernels; ``chunk`` does not apply) or ``auto`` (triton on CUDA tensors when triton imports, else torch).
+    ddp: with batch_dice, the Dice statistics of every process in the group (nnU-Net's ``ddp=True``; the
+    nnU-Net trainers set it under ``-num_gpus`` > 1).
     """
 
     variants = ({"rank": 3, "chunk": 4},)
 
     def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
                  ignore_label: int | None = None, rank: int | None = None, chunk: int = 30, do_bg: bool = False,
-                 smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0, kernel: str = "torch"):
+                 smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0, kernel: str = "torch",
+                 ddp: bool = False):
         super().__init__(in_channels, num_classes, batch_dice, ignore_label)
         if kernel not in ("torch", "triton", "auto"):
             raise HeadzooError(f"kernel must be torch, triton or auto, got '{kernel}'")
@@ -205,9 +235,12 @@ class ChunkedHead(Head):
             raise HeadzooError(f"rank must be in [1, {num_classes}] (at most C), got {rank}")
         if chunk < 1:
             raise HeadzooError(f"chunk must be positive, got {chunk}")
+        for name, value in (("smooth", smooth), ("weight_ce", weight_ce), ("weight_dice", weight_dice)):
+            check_option(name, value, value >= 0, "at least 0")
+        check_option("ddp", ddp, not ddp or in_process_group(), "false outside a torch.distributed process group")
         self.rank, self.chunk = rank, chunk
         self.loss_settings = dict(batch_dice=batch_dice, do_bg=do_bg, smooth=smooth, weight_ce=weight_ce,
-                                  weight_dice=weight_dice, ignore_label=ignore_label)
+                                  weight_dice=weight_dice, ignore_label=ignore_label, ddp=ddp)
         self.basis = nn.Conv3d(in_channels, rank, kernel_size=1)
         self.operator = nn.Parameter(torch.randn(rank, num_classes) / math.sqrt(rank))
 

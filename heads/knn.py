@@ -1,4 +1,5 @@
-"""``knn``: ESSNet's embedding head (essnet.md §3) with FAISS k-nearest-class hard negatives.
+"""``knn``: ESSNet's embedding head (Jain et al., ICCV 2021, https://arxiv.org/abs/2012.07489, §3) with FAISS
+k-nearest-class hard negatives.
 
 Voxels and classes live on the unit sphere in d dimensions; the logit of class c is −‖x − μ_c‖²/τ.
 The loss is cross-entropy over the target and its k nearest other classes (eq. 6), found by exact
@@ -21,10 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from headzoo.errors import HeadzooError
-from headzoo.head import Head
+from headzoo.head import Head, check_option, is_fake
 
 PREDICT_CHUNK = 65536  # voxels per nearest-class search at prediction
-TORCH_SEARCH_ELEMENTS = 2**20  # query × class distances per block of the torch backend's search (4 MiB)
+#: the torch backend's search holds one block of query × class fp32 distances at a time. On the CPU 4 MiB (cache-
+#: sized; the CPU peaks measured so far include it). On CUDA 1/512 of the device's memory (H100 80 GB: 160 MB):
+#: every block is a few kernel launches, and 4 MiB blocks would be ~13.5k of them per step at 2×192³, C = 1000.
+CPU_SEARCH_BLOCK_BYTES, CUDA_SEARCH_BLOCK_FRACTION = 2**22, 512
 
 
 def _faiss():
@@ -52,6 +56,22 @@ def _faiss_runs_on(device: torch.device) -> bool:
     return device.type != "cuda" or hasattr(faiss, "StandardGpuResources")
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The search backend that runs on `device`: ``auto`` becomes ``faiss`` where FAISS searches there, else ``torch``."""
+    if backend != "auto":
+        return backend
+    return "faiss" if _faiss_runs_on(device) else "torch"
+
+
+def search_block_rows(num_classes: int, device: torch.device) -> int:
+    """Queries per block of the torch backend's search: as many as the block's memory budget holds distances for."""
+    if device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory // CUDA_SEARCH_BLOCK_FRACTION
+    else:
+        budget = CPU_SEARCH_BLOCK_BYTES
+    return max(1, budget // (4 * num_classes))
+
+
 class ClassIndex:
     """Exact L2 nearest-class search over the class embeddings, rebuilt only when they change."""
 
@@ -62,17 +82,16 @@ class ClassIndex:
         self._key = None
         self._index = None
         self._classes = None
-        self._searcher = None  # the backend in use: 'auto' resolved on the embeddings' device
+        self._searcher = None  # the backend in use: resolve_backend on the embeddings' device
 
     def update(self, classes: Tensor, key: object) -> None:
-        """Index `classes` unless `key` (identifying the embeddings' state) is the one already indexed."""
-        if key == self._key:
+        """Index `classes` unless `key` (identifying the embeddings' state) is the one already indexed. Fake
+        embeddings (`headzoo estimate`) have no values to index: FAISS is left out, `search` keeps its shapes."""
+        if key is not None and key == self._key:
             return
         self._key, self._classes = key, classes.detach().float().contiguous()
-        self._searcher = self.backend
-        if self.backend == "auto":
-            self._searcher = "faiss" if _faiss_runs_on(self._classes.device) else "torch"
-        if self._searcher == "faiss":
+        self._searcher = resolve_backend(self.backend, self._classes.device)
+        if self._searcher == "faiss" and not is_fake(self._classes):
             faiss = _faiss()
             d = self._classes.shape[1]
             if self._classes.is_cuda and hasattr(faiss, "StandardGpuResources"):
@@ -98,20 +117,26 @@ class ClassIndex:
         """Indices (n, k) of the k nearest classes to each query, nearest first."""
         queries = queries.detach().float().contiguous()
         if self._searcher == "torch":  # in blocks of queries, so the distance matrix never holds N×C
-            rows = max(1, TORCH_SEARCH_ELEMENTS // len(self._classes))
+            rows = search_block_rows(len(self._classes), queries.device)
             return torch.cat([torch.cdist(part, self._classes).topk(k, dim=1, largest=False).indices
                               for part in queries.split(rows)])
+        if is_fake(queries):  # what FAISS's torch wrapper allocates: distances (n, k) fp32, then indices (n, k) int64
+            torch.empty(len(queries), k, device=queries.device)
+            return torch.empty(len(queries), k, device=queries.device, dtype=torch.long)
         if self._index_takes(queries):
             return self._index.search(queries, k)[1].long()
         return self._index.search(queries.cpu(), k)[1].long().to(queries.device)  # CUDA tensors, faiss-cpu
 
 
 def knn_negatives(neighbours: Tensor, target: Tensor) -> Tensor:
-    """Drop the target from each row of k+1 neighbours (or the farthest one when the target is absent)."""
+    """Drop the target from each row of k+1 neighbours (or the farthest one when the target is absent).
+
+    By a gather of fixed shape (n, k), not a boolean mask: the result's shape never depends on values."""
     is_target = neighbours == target[:, None]
-    drop = is_target.clone()
-    drop[:, -1] |= ~is_target.any(1)
-    return neighbours[~drop].view(neighbours.shape[0], neighbours.shape[1] - 1)
+    last = neighbours.shape[1] - 1
+    dropped = torch.where(is_target.any(1), is_target.to(torch.uint8).argmax(1), last)
+    columns = torch.arange(last, device=neighbours.device)
+    return neighbours.gather(1, columns + (columns >= dropped[:, None]))
 
 
 class KnnHead(Head):
@@ -120,15 +145,18 @@ class KnnHead(Head):
     variants = ({"knn_backend": "torch"},)
 
     def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
-                 ignore_label: int | None = None, d: int | None = None, k: int = 7, tau: float = 0.05,
+                 ignore_label: int | None = None, d: int | None = None, k: int | None = None, tau: float = 0.05,
                  margin: float = 0.2, knn_backend: str = "auto", embedding_beta1: float = 0.95):
-        """``batch_dice`` is unused (no Dice term); voxels labelled ``ignore_label`` are left out of the loss."""
+        """``batch_dice`` is unused (no Dice term); voxels labelled ``ignore_label`` are left out of the loss.
+        ``d`` defaults to min(12, C) and ``k`` to min(7, C−1): C−1 other classes are all there are."""
         super().__init__(in_channels, num_classes, batch_dice, ignore_label)
         d = min(12, num_classes) if d is None else d
-        if not 1 <= d <= num_classes:
-            raise HeadzooError(f"d must be in [1, {num_classes}] (at most C), got {d}")
-        if k < 1 or tau <= 0 or margin < 0:
-            raise HeadzooError(f"knn needs k ≥ 1, tau > 0 and margin ≥ 0 (got k={k}, tau={tau}, margin={margin})")
+        k = min(7, num_classes - 1) if k is None else k
+        check_option("d", d, 1 <= d <= num_classes, f"in [1, {num_classes}] (at most C)")
+        check_option("k", k, 1 <= k <= num_classes - 1, f"in [1, {num_classes - 1}] (at most C−1 other classes)")
+        check_option("tau", tau, tau > 0, "above 0")
+        check_option("margin", margin, margin >= 0, "at least 0")
+        check_option("embedding_beta1", embedding_beta1, 0 <= embedding_beta1 < 1, "in [0, 1) (an Adam β1)")
         self.d, self.k, self.tau, self.margin, self.embedding_beta1 = d, k, tau, margin, embedding_beta1
         self.embed = nn.Conv3d(in_channels, d, kernel_size=1)
         self.class_embeddings = nn.Parameter(torch.randn(num_classes, d))
@@ -143,7 +171,8 @@ class KnnHead(Head):
     def _indexed_centroids(self) -> Tensor:
         centroids = self.centroids()
         parameter = self.class_embeddings
-        self.index.update(centroids, (parameter.data_ptr(), parameter._version, parameter.device))
+        key = None if is_fake(parameter) else (parameter.data_ptr(), parameter._version, parameter.device)
+        self.index.update(centroids, key)
         return centroids
 
     def logits(self, output: Tensor, classes: slice) -> Tensor:
@@ -163,14 +192,19 @@ class KnnHead(Head):
         centroids = self._indexed_centroids()
         x = output.movedim(1, -1).reshape(-1, self.d)
         y = target.reshape(-1).long()
-        if self.ignore_label is not None:
+        keep = None
+        if self.ignore_label is not None:  # ignored voxels stay (fixed shapes), as class 0 with weight 0
             keep = y != self.ignore_label
-            x, y = x[keep], y[keep]
+            y = torch.where(keep, y, 0)
         k = min(self.k, self.num_classes - 1)
         negatives = knn_negatives(self.index.search(x, k + 1), y)
         candidates = torch.cat([y[:, None], negatives], dim=1)           # target in slot 0
         logits = -(x.unsqueeze(1) - centroids[candidates]).pow(2).sum(-1) / self.tau
-        classification = F.cross_entropy(logits, torch.zeros_like(y))
+        if keep is None:
+            classification = F.cross_entropy(logits, torch.zeros_like(y))
+        else:  # the mean over kept voxels; 0 when none is kept, as nnU-Net's masked CE
+            per_voxel = F.cross_entropy(logits, torch.zeros_like(y), reduction="none")
+            classification = (per_voxel * keep).sum() / keep.sum().clamp_min(1)
         return classification + self.margin_regulariser(centroids)
 
     @torch.no_grad()
@@ -179,6 +213,14 @@ class KnnHead(Head):
         x = output.movedim(1, -1).reshape(-1, self.d)
         labels = torch.cat([self.index.search(part, 1)[:, 0] for part in x.split(PREDICT_CHUNK)])
         return labels.view(output.shape[0], *output.shape[2:])
+
+    def external_memory_bytes(self) -> int:
+        """The FAISS GPU index's memory (index vectors and its resources' temporary pool): outside torch's allocator."""
+        return self.index.gpu_memory_bytes()
+
+    def resolved_options(self, device: torch.device) -> dict:
+        """The options as they resolve on `device`: the search backend ``auto`` picks there (faiss or torch)."""
+        return {"knn_backend": resolve_backend(self.index.backend, device)}
 
     def param_groups(self, lr: float) -> list[dict]:
         """Class embeddings get their own group with higher momentum (ESSNet §3.3)."""

@@ -1,4 +1,5 @@
-"""``sigmoid``: MultiTalent's per-class sigmoid heads with the class-adaptive loss (multitalent.md §2.2).
+"""``sigmoid``: MultiTalent's per-class sigmoid heads with the class-adaptive loss (Ulrich et al., MICCAI 2023,
+https://arxiv.org/abs/2303.14444, §2.2).
 
 One sigmoid channel per foreground class (labels 1..C−1, no background channel). The loss is eq. (2)
 as MultiTalent's code reduces it, with the per-sample annotated-class mask m (b × C):
@@ -8,7 +9,9 @@ as MultiTalent's code reduces it, with the per-sample annotated-class mask m (b 
 summed over classes, no smoothing, batch Dice over the samples where the class is annotated. With
 ``rank=R`` the head is chunked: an R-channel basis and an operator E give each class chunk's logits,
 and the loss streams over chunks (per-class terms are independent, so each chunk is checkpointed:
-one pass forward, one recomputing pass backward), never holding b×C×S.
+one pass forward, one recomputing pass backward), never holding b×C×S. With ``ddp`` (set by the nnU-Net
+trainers under ``-num_gpus`` > 1) the batch Dice's sums are all-gathered over the process group with
+nnU-Net's ``AllGatherGrad``, as nnU-Net's ``ddp=True`` batch Dice does.
 """
 from __future__ import annotations
 
@@ -21,16 +24,29 @@ from torch.utils.checkpoint import checkpoint
 
 from headzoo.errors import HeadzooError
 from headzoo.head import Head
+from headzoo.heads.chunked import in_process_group
 from headzoo.heads.chunking import chunked_max, chunks
 
 
-def sigmoid_class_loss(logits: Tensor, labels: Tensor, target: Tensor, annotated: Tensor) -> Tensor:
-    """Eq. (2) for the classes `labels` (k,): logits (b, k, S), target (b, S), annotated (b, k) float."""
+def sigmoid_class_loss(logits: Tensor, labels: Tensor, target: Tensor, annotated: Tensor,
+                       valid: Tensor | None = None, gather: bool = False) -> Tensor:
+    """Eq. (2) for the classes `labels` (k,): logits (b, k, S), target (b, S), annotated (b, k) float. With
+    `valid` (b, S) float, voxels where it is 0 (the ignore label) are left out: the BCE is each sample's mean
+    over its valid voxels (as nnU-Net's DC_and_BCE_loss masks its BCE), and Dice counts only valid voxels.
+    gather: the Dice sums of every process in the group (nnU-Net's AllGatherGrad, then summed)."""
     onehot = (target.unsqueeze(1) == labels.view(1, -1, 1)).to(logits.dtype)
-    bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(-1)
+    bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
     p = torch.sigmoid(logits)
+    if valid is None:
+        bce = bce.mean(-1)
+    else:
+        bce = (bce * valid[:, None]).sum(-1) / valid.sum(-1, keepdim=True).clamp_min(1)
+        p, onehot = p * valid[:, None], onehot * valid[:, None]
     intersect = (annotated * (p * onehot).sum(-1)).sum(0)
     denominator = (annotated * (p + onehot).sum(-1)).sum(0)
+    if gather:
+        from nnunetv2.utilities.ddp_allgather import AllGatherGrad
+        intersect, denominator = AllGatherGrad.apply(intersect).sum(0), AllGatherGrad.apply(denominator).sum(0)
     return (annotated * bce).sum() - (2 * intersect / denominator.clamp_min(1e-7)).sum()
 
 
@@ -42,15 +58,18 @@ class SigmoidHead(Head):
     variants = ({"rank": 4, "chunk": 3},)
 
     def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
-                 ignore_label: int | None = None, rank: int | None = None, chunk: int = 30):
-        """``batch_dice`` is unused: MultiTalent's Dice is always over the batch (eq. 2)."""
+                 ignore_label: int | None = None, rank: int | None = None, chunk: int = 30, ddp: bool = False):
+        """``batch_dice`` is unused: MultiTalent's Dice is always over the batch (eq. 2); ``ddp``: over the
+        batches of every process in the group."""
         super().__init__(in_channels, num_classes, batch_dice, ignore_label)
         foreground = num_classes - 1
         if rank is not None and not 1 <= rank <= foreground:
             raise HeadzooError(f"rank must be in [1, {foreground}] (at most C−1), got {rank}")
         if chunk < 1:
             raise HeadzooError(f"chunk must be positive, got {chunk}")
-        self.rank, self.chunk = rank, chunk
+        if ddp and not in_process_group():
+            raise HeadzooError("ddp must be false outside a torch.distributed process group, got True")
+        self.rank, self.chunk, self.ddp = rank, chunk, ddp
         self.conv = nn.Conv3d(in_channels, rank or foreground, kernel_size=1)
         if rank is not None:
             self.operator = nn.Parameter(torch.randn(rank, foreground) / math.sqrt(rank))
@@ -84,18 +103,20 @@ class SigmoidHead(Head):
             annotated = torch.ones(b, self.num_classes, dtype=torch.bool, device=output.device)
         mask = annotated[:, 1:].to(output.dtype)
         y = target.reshape(b, -1).long()
+        valid = None if self.ignore_label is None else (y != self.ignore_label).to(output.dtype)
         labels = torch.arange(1, self.num_classes, device=output.device)
         if self.rank is None:
-            return sigmoid_class_loss(output.flatten(2), labels, y, mask)
+            return sigmoid_class_loss(output.flatten(2), labels, y, mask, valid, self.ddp)
         flat = output.flatten(2)
         total = output.new_zeros(())
         for start, stop in chunks(self.num_classes - 1, self.chunk):
             total = total + checkpoint(self._chunk_loss, flat, self.operator, self.class_bias, labels[start:stop],
-                                       y, mask[:, start:stop], start, stop, use_reentrant=False)
+                                       y, mask[:, start:stop], valid, start, stop, use_reentrant=False)
         return total
 
-    def _chunk_loss(self, flat, operator, bias, labels, y, mask, start, stop):
-        return sigmoid_class_loss(self._chunk_logits(flat, start, stop, operator, bias), labels, y, mask)
+    def _chunk_loss(self, flat, operator, bias, labels, y, mask, valid, start, stop):
+        return sigmoid_class_loss(self._chunk_logits(flat, start, stop, operator, bias), labels, y, mask, valid,
+                                  self.ddp)
 
     @torch.no_grad()
     def predict(self, output: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""STU-Net (Huang et al. 2023, ``../shared/papers/stu-net.md``), ported from the reference
+"""STU-Net (Huang et al., *STU-Net: Scalable and Transferable Medical Image Segmentation Models Empowered by
+Large-Scale Supervised Pre-training*, arXiv 2304.06716, https://github.com/uni-medical/STU-Net), ported from the reference
 ``STUNet`` in uni-medical/STU-Net ``nnUNet-2.2/nnunetv2/training/nnUNetTrainer/STUNetTrainer.py``.
 
 The reference builds the network inside a trainer whose ``build_network_architecture`` signature

@@ -1,4 +1,5 @@
-"""The toy dataset of chunked-basis-head-midl2026.md §2.4, written in nnU-Net's raw format.
+"""The toy dataset of §2.4 of the chunked-basis paper (Jaubert et al., *Breaking the Memory Barrier:
+Efficient Multi-Class 3D Segmentation for Hundreds of Classes*, MIDL 2026), written in nnU-Net's raw format.
 
 C−1 foreground shapes (label 0 is background), each a union of 2–4 random primitives in a
 box, eroded while it covers more than 60% of the box, then opened and closed. Volume g holds

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from headzoo.head import Head
+from headzoo.head import Head, check_option
 
 
 def build_nnunet_loss(batch_dice: bool = True, do_bg: bool = False, smooth: float = 1e-5,
@@ -23,6 +23,8 @@ class DenseHead(Head):
                  ignore_label: int | None = None, do_bg: bool = False, smooth: float = 1e-5,
                  weight_ce: float = 1.0, weight_dice: float = 1.0):
         super().__init__(in_channels, num_classes, batch_dice, ignore_label)
+        for name, value in (("smooth", smooth), ("weight_ce", weight_ce), ("weight_dice", weight_dice)):
+            check_option(name, value, value >= 0, "at least 0")
         self.conv = nn.Conv3d(in_channels, num_classes, kernel_size=1)
         self.criterion = build_nnunet_loss(batch_dice, do_bg, smooth, weight_ce, weight_dice, ignore_label)
 

@@ -1,10 +1,19 @@
 """The head contract every head, built-in or plug-in, implements (see DESIGN.md)."""
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
+import types
+import typing
+
 import torch
 from torch import Tensor, nn
 
 from headzoo.errors import HeadzooError
+
+#: Constructor arguments the runner passes (the backbone's feature count, the dataset's classes), never options.
+NOT_OPTIONS = ("in_channels", "num_classes")
 
 #: Loss options the runner always passes to a head's constructor, taken from the nnU-Net plan unless the
 #: user sets them with --option: ``batch_dice`` (the plan configuration's) and ``ignore_label`` (the dataset's).
@@ -76,3 +85,54 @@ class Head(nn.Module):
                                    "use a head that supports them, e.g. 'sigmoid'")
             if annotated.shape != (output.shape[0], self.num_classes) or annotated.dtype != torch.bool:
                 raise HeadzooError(f"annotated must be a bool tensor of shape {(output.shape[0], self.num_classes)}")
+
+
+def check_option(name: str, value, valid: bool, expected: str) -> None:
+    """A head constructor's range check: one line naming the option, what it must be and what it got."""
+    if not valid:
+        raise HeadzooError(f"{name} must be {expected}, got {value!r}")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+               type(None): "null"}
+
+
+def _accepts(value, allowed: tuple) -> bool:
+    """Whether `value` (a JSON value) is one of the `allowed` types (an int is a float; a bool is neither)."""
+    if value is None or isinstance(value, bool):
+        return type(value) in allowed
+    if isinstance(value, int):
+        return int in allowed or float in allowed
+    return isinstance(value, float) and float in allowed or isinstance(value, str) and str in allowed
+
+
+def check_head_options(name: str, cls: type[Head], options: dict) -> None:
+    """One line for an option the head does not take or a value its constructor's annotation does not allow
+    (bool, int, float, str, None); a NaN or infinity is never an option. Ranges are the constructor's to check."""
+    parameters = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    named = [k for k, p in parameters.items() if k != "self" and k not in NOT_OPTIONS
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not evaluate: the constructor checks its own values
+        hints = {}
+    for key, value in options.items():
+        if key in NOT_OPTIONS:
+            raise HeadzooError(f"head '{name}' rejected its options {options}: {key} is set by the run "
+                               "(the backbone's features, the dataset's classes), not an option")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise HeadzooError(f"head '{name}' rejected its options {options}: {key}={value} is not a finite number")
+        if key not in named:
+            if takes_any:
+                continue
+            close = difflib.get_close_matches(key, named, n=1)
+            suggestion = f"did you mean '{close[0]}'? " if close else ""
+            raise HeadzooError(f"head '{name}' rejected its options {options}: no option '{key}' "
+                               f"({suggestion}its options: {', '.join(named)})")
+        hint = hints.get(key)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        allowed = typing.get_args(hint) if union else (hint,)
+        if all(a in _TYPE_WORDS for a in allowed) and not _accepts(value, allowed):
+            words = " or ".join(_TYPE_WORDS[a] for a in allowed)
+            raise HeadzooError(f"head '{name}' rejected its options {options}: {key} must be {words}, got {value!r}")

@@ -10,9 +10,12 @@ import difflib
 import functools
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+
+import torch
 
 from headzoo.errors import HeadzooError
-from headzoo.head import Head
+from headzoo.head import Head, check_head_options
 
 GROUP = "headzoo.heads"
 
@@ -73,13 +76,29 @@ def get_head_class(name: str) -> type[Head]:
     return heads[name].load()
 
 
-def create_head(name: str, in_channels: int, num_classes: int, **options) -> Head:
-    """Instantiate the head registered as ``name``."""
+def create_head(name: str, in_channels: int, num_classes: int, /, **options) -> Head:
+    """Instantiate the head registered as ``name``; its options are checked first (head.check_head_options)."""
     cls = get_head_class(name)
+    check_head_options(name, cls, options)
     try:
         return cls(in_channels, num_classes, **options)
     except TypeError as error:
         raise HeadzooError(f"head '{name}' rejected its options {options}: {error}") from error
+
+
+def validate_head_options(config) -> None:
+    """Build a run's head (config.RunConfig) on the meta device, which allocates nothing: an option the head
+    rejects fails here, in one line, before any data is made. C is --classes, the --dataset's, or the toy's."""
+    from headzoo.backbone import get_backbone
+    from headzoo.config import TOY_CLASSES
+    classes = config.classes
+    if classes is None and config.dataset_folder is not None:
+        from headzoo.pipeline import validate_raw_dataset
+        from headzoo.validation import check_dataset_labels
+        classes = check_dataset_labels(config.dataset_folder, validate_raw_dataset(Path(config.dataset_folder)))
+    features = get_backbone(config.backbone)[0]["arch_kwargs"]["features_per_stage"][0]  # the last decoder stage's
+    with torch.device("meta"):
+        create_head(config.head, features, classes or TOY_CLASSES, **config.options)
 
 
 def describe(cls: type[Head]) -> str:

@@ -51,6 +51,7 @@ class SweepConfig:
 
 def plan_grid(settings: dict, heads: list[tuple[str, dict]], classes: list[int], seeds: list[int]) -> list[Cell]:
     """One validated cell per head (with options) × class count × seed; bad input fails here, before any cell."""
+    from headzoo.registry import validate_head_options
     from headzoo.runner import validate
     if not heads:
         raise HeadzooError("--heads and --variant name no head")
@@ -61,6 +62,7 @@ def plan_grid(settings: dict, heads: list[tuple[str, dict]], classes: list[int],
             for seed in seeds:
                 config = dataclasses.replace(base, head=head, options=options, classes=c, seed=seed)
                 validate(config)
+                validate_head_options(config)
                 cells.append(Cell(config))
     return cells
 

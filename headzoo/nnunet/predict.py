@@ -1,5 +1,6 @@
 """``headzoo predict``: ``nnUNetv2_predict`` for models trained with a headzoo trainer, aggregating only the
-head's K output channels (``predictor``). Bad input is refused before anything is written."""
+head's K output channels (``predictor``). Bad input is refused before anything is written: the checkpoint,
+the input cases (names, then each read as nnU-Net will read it: validation.check_prediction_case)."""
 from __future__ import annotations
 
 import json
@@ -11,16 +12,25 @@ import torch
 
 from headzoo.errors import HeadzooError
 from headzoo.paths import use_user_nnunet_folders
+from headzoo.validation import check_prediction_case
 
 
-def _load_checkpoints(model_folder: Path, folds: list[str], checkpoint_name: str) -> list[dict]:
-    checkpoints = []
-    for fold in folds:
-        path = model_folder / f"fold_{fold}" / checkpoint_name
-        if not path.is_file():
-            raise HeadzooError(f"no checkpoint {path}")
-        checkpoints.append(torch.load(path, map_location="cpu", weights_only=False))
-    return checkpoints
+def load_checkpoint(path: Path) -> dict:
+    """An nnU-Net trainer's checkpoint (``network_weights``, ``init_args`` with the configuration), or one line:
+    a missing, empty, truncated or foreign file."""
+    if not path.is_file():
+        raise HeadzooError(f"no checkpoint {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch.load's: EOFError (empty), RuntimeError (truncated zip), UnpicklingError (text)
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise HeadzooError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason[:200]})") from None
+    init_args = checkpoint.get("init_args") if isinstance(checkpoint, dict) else None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict) or \
+            not isinstance(init_args, dict) or not isinstance(init_args.get("configuration"), str):
+        raise HeadzooError(f"{path} is not an nnU-Net trainer's checkpoint (no network_weights, or no init_args "
+                           "naming its configuration)")
+    return checkpoint
 
 
 def input_cases(folder: Path, file_ending: str, channels: int) -> list[list[str]]:
@@ -75,9 +85,9 @@ def predict(input_folder: Path, output_folder: Path, dataset: str, configuration
     model_folder = Path(get_output_folder(dataset_name(dataset), trainer, plans, configuration))
     if not model_folder.is_dir():
         raise HeadzooError(f"no trained model {model_folder}")
-    checkpoints = _load_checkpoints(model_folder, folds, checkpoint_name)
+    checkpoints = [load_checkpoint(model_folder / f"fold_{fold}" / checkpoint_name) for fold in folds]
     head = checkpoints[0]["init_args"].get("headzoo")
-    if head is None:
+    if not isinstance(head, dict) or not isinstance(head.get("head"), str) or not isinstance(head.get("options"), dict):
         raise HeadzooError(f"{trainer} is not a headzoo trainer; predict with nnUNetv2_predict")
     if len(folds) > 1 and head["head"] != "dense":
         raise HeadzooError(f"an ensemble of folds averages C logits; the '{head['head']}' head's K channels "
@@ -89,7 +99,11 @@ def predict(input_folder: Path, output_folder: Path, dataset: str, configuration
     if configuration_manager.previous_stage_name is not None:
         raise HeadzooError(f"{configuration} is a cascade stage; headzoo predict does not take a previous stage")
     channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    cases = input_cases(input_folder, dataset_json["file_ending"], channels)
+    ending = dataset_json["file_ending"]
+    cases = input_cases(input_folder, ending, channels)
+    for files in cases:
+        check_prediction_case(Path(files[0]).name[: -len(f"_0000{ending}")], files,
+                              plans_manager.image_reader_writer_class, len(configuration_manager.patch_size) == 3)
     ensure_writable_folder(output_folder)
 
     num_classes = plans_manager.get_label_manager(dataset_json).num_segmentation_heads

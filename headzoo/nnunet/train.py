@@ -4,6 +4,8 @@ trainer module nnU-Net ships (Primus → timm → torchvision) and so fails wher
 from __future__ import annotations
 
 import contextlib
+import difflib
+import json
 import multiprocessing
 from pathlib import Path
 
@@ -55,7 +57,37 @@ def check_device(device: str) -> torch.device:
         raise HeadzooError(f"-device must be cpu, cuda or mps, got '{device}'")
     if device == "cuda" and not torch.cuda.is_available():
         raise HeadzooError("-device cuda but no CUDA device is available; use -device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise HeadzooError("-device mps but no MPS device is available; use -device cpu")
     return torch.device(device)
+
+
+def check_preprocessed(folder: Path, dataset: str, configuration: str, plans: str, fold: str) -> None:
+    """One line unless `fold` is nnU-Net's (an integer, or all) and nnU-Net's preprocessed `folder` holds
+    `plans` with `configuration`, preprocessed."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    if fold != "all" and not fold.isdigit():
+        raise HeadzooError(f"fold must be 0-4 (another integer with your own splits_final.json) or all, got '{fold}'")
+    plans_file = folder / f"{plans}.json"
+    if not plans_file.is_file():
+        raise HeadzooError(f"{folder.name} has no {plans}.json in {folder.parent}; "
+                           f"run nnUNetv2_plan_and_preprocess -d {dataset} first")
+    try:
+        manager = PlansManager(json.loads(plans_file.read_text()))
+        names = list(manager.available_configurations)
+        if configuration not in names:
+            close = difflib.get_close_matches(configuration, names, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise HeadzooError(f"{plans_file.name} has no configuration '{configuration}' ({hint}it has: "
+                               f"{', '.join(names)})")
+        data = folder / manager.get_configuration(configuration).data_identifier
+    except HeadzooError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise HeadzooError(f"{plans_file} is not an nnU-Net plans file ({type(error).__name__}: {error})") from None
+    if not data.is_dir():
+        raise HeadzooError(f"configuration '{configuration}' of {folder.name} is not preprocessed ({data} is "
+                           f"missing): run nnUNetv2_preprocess -d {dataset} -c {configuration} -plans_name {plans}")
 
 
 def nnunet_train(dataset: str, configuration: str, fold: str, trainer: str, plans: str = "nnUNetPlans",
@@ -66,10 +98,7 @@ def nnunet_train(dataset: str, configuration: str, fold: str, trainer: str, plan
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.run.run_training import run_training
     _find_headzoo_trainer(trainer)
-    name = dataset_name(dataset)
-    if not (Path(nnUNet_preprocessed) / name / f"{plans}.json").is_file():
-        raise HeadzooError(f"{name} has no {plans}.json in {nnUNet_preprocessed}; "
-                           f"run nnUNetv2_plan_and_preprocess -d {dataset} first")
+    check_preprocessed(Path(nnUNet_preprocessed) / dataset_name(dataset), dataset, configuration, plans, fold)
     torch_device = check_device(device)
     if device == "cpu":  # as nnUNetv2_train
         torch.set_num_threads(multiprocessing.cpu_count())

@@ -54,6 +54,16 @@ def options_from_environment() -> dict:
     return parse_head_options(os.environ.get(OPTIONS_VARIABLE, ""))
 
 
+def refuse_partial_labels(dataset_json: dict) -> None:
+    """nnU-Net's training loop gives the loss no annotated-class mask: on a partially labelled dataset (``headzoo
+    toy --partial K``) every class a case's source did not annotate would be trained as background."""
+    sources = dataset_json.get("headzoo", {}).get("sources", 1)
+    if sources > 1:
+        raise HeadzooError(f"{dataset_json.get('name', 'this dataset')} is partially labelled ({sources} sources, each "
+                           "annotating its own classes): nnU-Net's training loop cannot pass the annotated classes to "
+                           "the head's loss; train it with `headzoo run --dataset FOLDER --head sigmoid`")
+
+
 def head_settings(options: dict, configuration_manager, label_manager) -> dict:
     """The head's options: nnU-Net's loss settings from the plan, overridden by the user's."""
     if label_manager.has_regions:
@@ -69,6 +79,7 @@ class nnUNetTrainerHead(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        refuse_partial_labels(dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
         for setting, value in self.variant.items():
             setattr(self, setting, value)

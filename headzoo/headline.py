@@ -7,6 +7,7 @@ import pandas as pd
 from headzoo.curves import reach_cell, reach_targets
 from headzoo.protocol import ACCURACY_PROTOCOL, LR_GRID, TUNING, is_protocol_run, is_tuning_run, protocol_lr
 from headzoo.report import format_bytes, format_seconds
+from headzoo.results import DICE_DEFINITION
 
 OLD_DICE = "†"  # a cell with rows whose dice_mean is the pooled Dice (schema < 3)
 
@@ -31,7 +32,9 @@ def seed_cell(rows: pd.DataFrame, column: str, formatter) -> str:
 
 def headline_section(frame: pd.DataFrame, records: list[dict]) -> list[str]:
     """Markdown for the accuracy protocol's runs; [] where the results hold none."""
-    protocol = frame[[is_protocol_run(records[i]) for i in frame["row"]]]
+    # nnU-Net's Dice only: a mean over seeds never mixes it with the pooled Dice of older rows ("All runs" has those)
+    protocol = frame[[is_protocol_run(records[i]) and records[i].get("dice_definition") == DICE_DEFINITION
+                      for i in frame["row"]]]
     lines = []
     for (device, classes), group in sorted(protocol.groupby(["device_name", "classes"]), key=lambda item: item[0]):
         targets, unlearnt = reach_targets(group, [classes])
@@ -56,7 +59,7 @@ def headline_section(frame: pd.DataFrame, records: list[dict]) -> list[str]:
             "Dice is nnU-Net's (per test case and class, then the mean over classes); a cell over seeds is the "
             "mean [min–max], and two heads differ only where their ranges do not overlap. Time to reach: "
             "training seconds until the held-out Dice first reaches 90% of the best head's final Dice. "
-            f"{OLD_DICE}: pooled Dice (rows from before false positives in cases without the class were scored).",
+            "Rows from before schema 3 (pooled Dice) are left out here; they are under \"All runs\".",
             "", *lines, *tuning_section(frame, records)]
 
 

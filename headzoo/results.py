@@ -24,6 +24,8 @@ from headzoo.locking import file_lock
 #    scores 0), `dice_pooled_mean` the old pooled one; every record has an `environment`. v1/v2 rows are
 #    marked `dice_definition: pooled` on read (their dice_mean is the pooled Dice).
 SCHEMA_VERSION = 3
+# a record's `dice_mean`: nnU-Net's foreground_mean (per case, then per class; inference.DiceCounter)
+DICE_DEFINITION = "nnunet"
 
 
 def record_key(record: dict, ignore_device: bool = False) -> str:

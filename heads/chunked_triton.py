@@ -12,8 +12,25 @@ per-voxel and per-class vectors in global memory (x: the basis (b, R, S), E: the
 
 Per-class sums are split over a fixed number of voxel splits, each written to its own slot of a
 (…, splits, C) buffer and added by torch afterwards: no atomics, so a fixed launch is bitwise
-reproducible. Accumulation is fp32 for fp32, fp16 and bf16 inputs; fp32 dots use IEEE precision
-(no TF32), so the kernel matches the torch path rather than trading accuracy for speed.
+reproducible. Accumulation is fp32 for fp32, fp16 and bf16 inputs.
+
+Precision and launch, chosen from the sm_90 code Triton 3.7.1 generates (``tests/triton_aot.py``
+compiles the kernels ahead of time for sm_90 on a CPU and reads ``ptxas -v``; rank 32, 64×64 tiles):
+
+- fp32 tiles (what ``custom_fwd(cast_inputs=float32)`` hands over under autocast, so every AMP step)
+  use ``input_precision="tf32x3"``: three TF32 tensor-core products per dot (a = a_hi + a_lo; the
+  a_lo·b_lo term is dropped, about 2⁻²² relative per product), near fp32 accuracy. With ``"ieee"``
+  all five kernels lowered to FMA dots (no mma instruction), 255 registers and 324–664 B/thread of
+  spill stores; with ``"tf32x3"`` and 4 warps they use tensor cores with 0–64 B of spill, and with
+  8 warps 0–12 B (``_grad_operator_kernel``'s 12 B; the other four none). Plain ``"tf32"`` (one
+  product, 10-bit mantissas) would be faster but is not the torch path's accuracy.
+- fp16 and bf16 tiles go to the tensor cores as they are (``input_precision`` only applies to fp32);
+  with 4 warps none spills.
+- ``NUM_WARPS = 8`` for every kernel. Rank 64 still spills in the two gradient kernels (168 and
+  592 B at 8 warps) and rank 256 needs 260–390 KB of shared memory, more than an sm_90 block may
+  have (227 KB: Triton's ``OutOfResources``, recorded as ``oom``): tiles for large ranks are not tuned.
+- Tiles are powers of two of at least 16: ``tl.dot`` needs 16 on a GPU (8×8 tiles run in the
+  interpreter and fail to compile for sm_90), so smaller ones are refused with one line.
 
 Triton decides at import time whether kernels compile for the GPU or run in its CPU interpreter:
 ``TRITON_INTERPRET=1`` must be set before this module is imported for CPU tensors to work.
@@ -25,8 +42,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from headzoo.errors import HeadzooError
+from headzoo.heads.chunked import summed_over_ranks
+
 #: whether the kernels below were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+#: warps per program for every kernel (see the module docstring); the interpreter ignores it
+NUM_WARPS = 8
+#: tl.dot's smallest tile edge on a GPU
+MIN_BLOCK = 16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for tiles of `dtype` (see the module docstring): tf32x3 for fp32; for fp16 and
+    bf16 the setting does not apply (Triton's default, tf32, is passed)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -223,12 +253,12 @@ def _voxel_splits(class_tiles: int, samples: int, voxel_blocks: int, device: tor
 
 
 class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
-    """``ChunkedSoftmaxDiceCELoss`` by the fused kernels above: same inputs (no chunk) and settings."""
+    """``ChunkedSoftmaxDiceCELoss`` by the fused kernels above: same inputs (no chunk) and settings, ddp included."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # as the torch path, under autocast
     def forward(ctx, basis: Tensor, operator: Tensor, target: Tensor, batch_dice: bool, do_bg: bool, smooth: float,
-                weight_ce: float, weight_dice: float, ignore_label: int | None, block_voxels: int,
+                weight_ce: float, weight_dice: float, ignore_label: int | None, ddp: bool, block_voxels: int,
                 block_classes: int, voxel_splits: int | None) -> Tensor:
         dtype = torch.promote_types(basis.dtype, operator.dtype)
         x = basis.detach().to(dtype).contiguous()
@@ -242,8 +272,8 @@ class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         class_tiles, voxel_blocks = triton.cdiv(num_classes, block_classes), triton.cdiv(voxels, block_voxels)
         splits = voxel_splits or _voxel_splits(class_tiles, b, voxel_blocks, x.device)
         blocks = dict(BLOCK_V=block_voxels, BLOCK_C=block_classes, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                      PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                      UPCAST_BF16=INTERPRETED and dtype == torch.bfloat16)
+                      PRECISION=dot_precision(dtype),
+                      UPCAST_BF16=INTERPRETED and dtype == torch.bfloat16, num_warps=NUM_WARPS)
 
         lse = torch.empty(b * voxels, device=x.device, dtype=torch.float32)
         target_logit = torch.empty_like(lse)
@@ -253,6 +283,9 @@ class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         sum_p, intersect, sum_gt = sums.sum(2)
         if batch_dice:
             sum_p, intersect, sum_gt = sum_p.sum(0), intersect.sum(0), sum_gt.sum(0)
+        gather = ddp and batch_dice
+        if gather:
+            sum_p, intersect, sum_gt = summed_over_ranks(torch.stack((sum_p, intersect, sum_gt)))
 
         mask = (y >= 0).to(torch.float32)
         num_valid = mask.sum().clamp_min(1)  # no valid voxel: every term below is 0, as in the torch path
@@ -263,26 +296,27 @@ class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
 
         a, beta = a.expand(b, num_classes).contiguous(), beta.expand(b, num_classes).contiguous()
         ctx.save_for_backward(x, e, y, lse, mask, a, beta, weight_ce / num_valid)
-        ctx.settings = (basis.dtype, operator.dtype, weight_dice, splits, blocks)
+        ctx.settings = (basis.dtype, operator.dtype, weight_dice, splits, blocks, gather)
         return loss.to(basis.dtype)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_output: Tensor):
         x, e, y, lse, mask, a, beta, ce_coefficient = ctx.saved_tensors
-        basis_dtype, operator_dtype, weight_dice, splits, blocks = ctx.settings
+        basis_dtype, operator_dtype, weight_dice, splits, blocks, gather = ctx.settings
         b, rank = x.shape[:2]
         voxels = x[0, 0].numel()
         num_classes = e.shape[1]
         class_tiles = triton.cdiv(num_classes, blocks["BLOCK_C"])
         voxel_blocks = triton.cdiv(voxels, blocks["BLOCK_V"])
         g = grad_output.to(torch.float32)
+        g_dice = summed_over_ranks(g.clone()) if gather else g  # AllGatherGrad's backward: the group's gradients
 
         t = torch.empty_like(lse)
         _dice_slope_kernel[(voxel_blocks, b)](x, e, y, lse, a, beta, t, voxels, rank, num_classes, **blocks)
         # ∂L/∂z_cv = m_v p_cv (g w_ce/N − g w_dice t_v + g w_dice β_c) + [y_v = c] (g w_dice a_c p_cv − g w_ce/N)
-        per_voxel = g * (ce_coefficient * mask - weight_dice * t)
-        per_class, target_slope = (g * weight_dice) * beta, (g * weight_dice) * a
+        per_voxel = g * ce_coefficient * mask - g_dice * weight_dice * t
+        per_class, target_slope = (g_dice * weight_dice) * beta, (g_dice * weight_dice) * a
         target_offset = (g * ce_coefficient).reshape(1)
         gradient_terms = (per_voxel, per_class, target_slope, target_offset)
 
@@ -294,17 +328,23 @@ class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
                                                         num_classes, splits, **blocks)
         grad_e = partial.sum((0, 1))
         return (grad_x.to(basis_dtype), grad_e.to(operator_dtype), None, None, None, None, None, None, None, None,
-                None, None)
+                None, None, None)
 
 
 def triton_chunked_dc_and_ce_loss(basis: Tensor, operator: Tensor, target: Tensor, batch_dice: bool = True,
                                   do_bg: bool = False, smooth: float = 1e-5, weight_ce: float = 1.0,
-                                  weight_dice: float = 1.0, ignore_label: int | None = None, block_voxels: int = 64,
-                                  block_classes: int = 64, voxel_splits: int | None = None) -> Tensor:
+                                  weight_dice: float = 1.0, ignore_label: int | None = None, ddp: bool = False,
+                                  block_voxels: int = 64, block_classes: int = 64,
+                                  voxel_splits: int | None = None) -> Tensor:
     """``chunked_dc_and_ce_loss`` by fused Triton kernels: logits Eᵀ·basis are tiles in registers only.
 
     block_voxels and block_classes (powers of two, at least 16) are the tile; voxel_splits how many
     partial per-class sums there are (default: enough programs for the GPU, 1 elsewhere).
     """
+    for name, block in (("block_voxels", block_voxels), ("block_classes", block_classes)):
+        if block < MIN_BLOCK or block & (block - 1):
+            raise HeadzooError(f"{name} must be a power of two of at least {MIN_BLOCK} (tl.dot's smallest tile on a "
+                               f"GPU), got {block}")
     return TritonChunkedSoftmaxDiceCELoss.apply(basis, operator, target, batch_dice, do_bg, smooth, weight_ce,
-                                                weight_dice, ignore_label, block_voxels, block_classes, voxel_splits)
+                                                weight_dice, ignore_label, ddp, block_voxels, block_classes,
+                                                voxel_splits)

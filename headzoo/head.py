@@ -64,6 +64,11 @@ class Head(nn.Module):
         """
         return None
 
+    def external_memory_bytes(self) -> int:
+        """Optional hook: device memory the head holds outside torch's allocator (e.g. a FAISS GPU index and its
+        temporary pool), which the allocator's peak cannot see; the record adds it beside the peak. Default 0."""
+        return 0
+
     def check_target(self, output: Tensor, target: Tensor, annotated: Tensor | None = None) -> None:
         """Reject targets that do not fit the contract, with one clear line."""
         ignore_label = self.ignore_label

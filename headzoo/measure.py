@@ -74,10 +74,35 @@ def summarize_times(times: list[float]) -> dict[str, float | None]:
     return {"step_time_median_s": float(median), "step_time_p20_s": float(p20), "step_time_p80_s": float(p80)}
 
 
+#: what torch's RuntimeErrors say when an allocation fails: the CPU allocator's, CUDA's, and cuBLAS's and cuDNN's
+#: own workspace and handle allocations (these do not go through torch's allocator and raise no OutOfMemoryError)
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "not enough memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                          "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA OOM, or a CPU allocation refused (e.g. under a --memory-limit budget)."""
+    """CUDA OOM (torch's allocator, cuBLAS, cuDNN), a Triton kernel needing more shared memory or registers than
+    an SM has (triton's OutOfResources), or a CPU allocation refused (e.g. under a --memory-limit budget)."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
+    if any(kind.__name__ == "OutOfResources" and kind.__module__.startswith("triton") for kind in type(error).__mro__):
+        return True  # matched by name: triton is an optional dependency
     text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text
-                                                or "not enough memory" in text)
+    return isinstance(error, RuntimeError) and any(message in text for message in OUT_OF_MEMORY_MESSAGES)
+
+
+def optimizer_state_complete(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter has its optimizer state: Adam's moments and ScheduleFree's z exist only after a
+    parameter's first real step, and a GradScaler skips the steps whose gradients overflowed. A step measured
+    for memory before then would leave that state (8 B a parameter for AdamW) out of the peak."""
+    return all(optimizer.state.get(p) for group in optimizer.param_groups for p in group["params"])
+
+
+def configure_cuda_timing(device: torch.device) -> dict:
+    """nnU-Net's CUDA settings for a training run (run_training.py: cuDNN benchmarks its convolution
+    algorithms, not deterministic), and the record's fields that say how steps were run: ``cudnn_benchmark``
+    and ``compiled`` (headzoo never torch.compiles the network; nnU-Net's own trainers do by default)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    return {"cudnn_benchmark": device.type == "cuda" and torch.backends.cudnn.benchmark, "compiled": False}

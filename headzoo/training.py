@@ -14,13 +14,16 @@ from headzoo.backbone import SegmentationNetwork
 from headzoo.config import RunConfig
 from headzoo.errors import ContractViolation
 from headzoo.inference import DiceCounter, segment
-from headzoo.measure import measure_peak_memory, summarize_times, timed
+from headzoo.measure import is_out_of_memory, measure_peak_memory, optimizer_state_complete, summarize_times, timed
 from headzoo.pipeline import DATA_CONFIGURATION, PreparedDataset, count_test_cases, test_cases, training_loader
 from headzoo.progress import progress_bar
 
 # ScheduleFree AdamW with the paper's settings: β1 (the paper's 1−β1 = 0.1), β2, weight decay, warm-up
 # (the learning rate is a run setting, RunConfig.lr).
 BETA1, BETA2, WEIGHT_DECAY, WARMUP_FRACTION = 0.9, 0.995, 0.0812, 0.02
+# the memory step waits, as a warm-up step, until every parameter has optimizer state, for at most this many steps
+# (a GradScaler skips the optimizer step while its scale, from 2^16, overflows the fp16 gradients; it halves each time)
+MEMORY_STEP_WAIT = 20
 # the record's `dice_mean`: nnU-Net's foreground_mean (per case, then per class; inference.DiceCounter)
 DICE_DEFINITION = "nnunet"
 
@@ -120,6 +123,8 @@ def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: Se
     step = TrainStep(config, network, optimizer, device)
     times, peak, curve = [], None, []
     data_time = eval_time = 0.0
+    memory_deadline = min(config.warmup + MEMORY_STEP_WAIT, config.steps - 2)  # leaves a timed step (validate)
+    evaluation_oom = None  # an evaluation that ran out of memory: no later one runs, training and its numbers go on
     started = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task(f"train {config.head} C={config.classes}", total=config.steps, visible=show_progress)
@@ -128,36 +133,62 @@ def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: Se
             batch = next(loader)  # data side, outside the measured step: the annotated-class mask too
             batch["annotated"] = prepared.annotated_mask(batch["keys"]) if prepared.partial else None
             data_time += time.perf_counter() - fetched
-            if index == config.warmup:  # one step after warm-up is measured for memory, the rest timed
-                peak = measure_peak_memory(lambda: step(batch), device, network, optimizer)
-            elif index < config.warmup:
+            if peak is None and index >= config.warmup and (optimizer_state_complete(optimizer)
+                                                              or index == memory_deadline):
+                peak = measure_peak_memory(lambda: step(batch), device, network, optimizer)  # the rest timed
+                memory_step, state_complete = index, optimizer_state_complete(optimizer)
+                external_bytes = network.head.external_memory_bytes()
+            elif peak is None:
                 step(batch)
             else:
                 times.append(timed(lambda: step(batch), device))
             bar.update(task, advance=1, description=f"train {config.head} C={config.classes} "
                                                      f"loss {step.losses[-1]:.3f}")
-            if config.eval_every and (index + 1) % config.eval_every == 0 and index + 1 < config.steps:
+            if config.eval_every and (index + 1) % config.eval_every == 0 and index + 1 < config.steps \
+                    and evaluation_oom is None:
                 evaluated = time.perf_counter()
                 trained = evaluated - started - eval_time
-                counter = evaluate(config, prepared, network, optimizer, False, "")
+                counter, evaluation_oom = _evaluate_unless_oom(config, prepared, network, optimizer, False, "")
                 eval_time += time.perf_counter() - evaluated
-                curve.append(_curve_point(index + 1, trained, counter))
+                if evaluation_oom is None:
+                    curve.append(_curve_point(index + 1, trained, counter))
     train_time = time.perf_counter() - started - eval_time
 
     evaluated = time.perf_counter()
-    counter = evaluate(config, prepared, network, optimizer, show_progress, "sliding-window evaluation")
-    if config.eval_every:
+    if evaluation_oom is None:
+        counter, evaluation_oom = _evaluate_unless_oom(config, prepared, network, optimizer, show_progress,
+                                                       "sliding-window evaluation")
+    if config.eval_every and evaluation_oom is None:
         curve.append(_curve_point(config.steps, train_time, counter))
+    dice = {"dice_mean": None, "dice_worst10_mean": None, "dice_pooled_mean": None, "dice_classes_present": None}
+    if evaluation_oom is None:
+        dice = {"dice_mean": counter.mean_foreground(), "dice_worst10_mean": counter.worst_mean(0.1),
+                "dice_pooled_mean": counter.pooled_mean(), "dice_classes_present": counter.classes_scored()}
+    else:  # the record's status: training ran and was measured, evaluation did not fit
+        dice.update(status="oom", oom_phase="evaluation",
+                    error=f"{type(evaluation_oom).__name__}: {(str(evaluation_oom).splitlines() or [''])[0]}"[:500])
     return {
-        "dice_mean": counter.mean_foreground(), "dice_worst10_mean": counter.worst_mean(0.1),
-        "dice_pooled_mean": counter.pooled_mean(), "dice_definition": DICE_DEFINITION,
-        "dice_classes_present": counter.classes_scored(),
+        **dice, "dice_definition": DICE_DEFINITION,
         "peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind, "peak_rss_bytes": peak.rss_bytes,
+        "external_memory_bytes": external_bytes, "memory_step": memory_step,
+        "memory_step_optimizer_state_complete": state_complete,
         **summarize_times(times), "timed_steps": len(times),
         "loss_first": step.losses[0], "loss_last": float(np.mean(step.losses[-10:])),
         "train_time_s": train_time, "data_time_s": data_time, "data_share": data_time / train_time,
         "eval_time_s": time.perf_counter() - evaluated, "curve": curve or None,
     }
+
+
+def _evaluate_unless_oom(config: RunConfig, prepared: PreparedDataset, network: SegmentationNetwork, optimizer,
+                         show_progress: bool, label: str) -> tuple[DiceCounter | None, BaseException | None]:
+    """`evaluate`, or the out-of-memory error it raised (sliding windows over C channels can need more than a
+    training step: dense at C = 1000, 192³ holds a C × volume fp32 buffer)."""
+    try:
+        return evaluate(config, prepared, network, optimizer, show_progress, label), None
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        return None, error
 
 
 def _curve_point(steps: int, train_seconds: float, counter: DiceCounter) -> dict:

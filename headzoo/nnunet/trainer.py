@@ -5,7 +5,8 @@ Each trainer is nnU-Net's ``nnUNetTrainer`` with four seams overridden and every
 logging, ``-device``, DDP through ``-num_gpus``):
 
 - ``build_network_architecture``: the plan's network, its final seg conv replaced by the head;
-- ``_build_loss``: the head's own loss;
+- ``_build_loss``: the head's own loss (under DDP, ``-num_gpus`` > 1, a head that takes a ``ddp`` option is
+  built with ``ddp=True``: its batch Dice statistics all-gathered, as nnU-Net builds its loss with ``ddp=True``);
 - ``validation_step``: the pseudo Dice from ``head.predict``, counted per class (no C-channel one-hot);
 - ``perform_actual_validation``: nnU-Net's validation, aggregating the head's K channels (``predictor``).
 
@@ -16,6 +17,7 @@ Deep supervision is off (see ``network``). Head options come from the environmen
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 
 import numpy as np
@@ -28,7 +30,7 @@ from headzoo.config import parse_option
 from headzoo.errors import HeadzooError
 from headzoo.nnunet.network import build_head_network, head_of, plan_defaults
 from headzoo.nnunet.predictor import validation_through_head
-from headzoo.registry import list_heads
+from headzoo.registry import get_head_class, list_heads
 
 OPTIONS_VARIABLE = "HEADZOO_HEAD_OPTIONS"
 
@@ -105,7 +107,13 @@ class nnUNetTrainerHead(nnUNetTrainer):
     def _build_network_with_own_options(self, plans_manager, configuration_manager, num_input_channels: int,
                                         num_output_channels: int, enable_deep_supervision: bool = True):
         return build_head_network(configuration_manager, num_input_channels, num_output_channels, self.head_name,
-                                  self.head_options)
+                                  {**self.head_options, **self.distributed_options()})
+
+    def distributed_options(self) -> dict:
+        """``ddp=True`` under DDP for a head that takes it (nnU-Net's ``_build_loss`` passes ``ddp=self.is_ddp``):
+        a training setting, so not saved with the head's options (prediction runs in one process)."""
+        takes_ddp = "ddp" in inspect.signature(get_head_class(self.head_name)).parameters
+        return {"ddp": True} if self.is_ddp and takes_ddp else {}
 
     def _build_loss(self):
         return head_of(self.network).loss

@@ -205,6 +205,26 @@ def leaderboard(results: Path = typer.Option(Path("results.jsonl"), help="result
     console.print(f"wrote {render(results, out)}")
 
 
+@app.command()
+@with_run_settings()
+def estimate(settings: dict,
+             device_kind: str = typer.Option("cuda", "--device-kind",
+                                             help="cuda (--amp: CUDA's autocast, emulated) or cpu (fp32)"),
+             volume: Optional[str] = typer.Option(None, help="whole volume for the inference estimate, N or NxNxN "
+                                                  "(default: 244x234x287, a TotalSegmentator CT at 1.5 mm)"),
+             as_json: bool = typer.Option(False, "--json", help="print the estimate as one JSON object")) -> None:
+    """Peak memory of a training step, the loss and sliding-window inference at any scale, without a GPU."""
+    from headzoo.config import parse_patch
+    from headzoo.estimate import estimate as run_estimate, problem_from_settings
+    from headzoo.estimate_report import print_estimate
+    problem = problem_from_settings(settings, device_kind, parse_patch(volume) if volume else None)
+    result = run_estimate(problem)
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print_estimate(result, console)
+
+
 @app.command("nnunet-dir")
 def nnunet_dir() -> None:
     """Print the folder of nnU-Net trainers for every registered head: export nnUNet_extTrainer=$(headzoo nnunet-dir)."""

@@ -70,26 +70,41 @@ class Head(nn.Module):
         return 0
 
     def check_target(self, output: Tensor, target: Tensor, annotated: Tensor | None = None) -> None:
-        """Reject targets that do not fit the contract, with one clear line."""
-        ignore_label = self.ignore_label
+        """Reject targets that do not fit the contract, with one clear line. Shapes always; label values only
+        for host tensors (`check_labels`): the training step checks its batch on the host before it reaches
+        the device, so a loss on the device never waits for the device to read a value back."""
         if target.ndim != output.ndim or target.shape[1] != 1 or target.shape[0] != output.shape[0] \
                 or target.shape[2:] != output.shape[2:]:
             raise HeadzooError(f"target must have shape {(output.shape[0], 1, *output.shape[2:])}, "
                                f"got {tuple(target.shape)}")
-        if target.dtype.is_floating_point and not torch.equal(target, target.round()):
-            raise HeadzooError("target must hold integer labels")
-        low, high = int(target.min()), int(target.max())
-        valid = (0 <= low) and (high < self.num_classes or (ignore_label is not None and high == ignore_label))
-        if not valid:
-            bad = low if low < 0 else high
-            raise HeadzooError(f"label {bad} is outside [0, {self.num_classes}) "
-                               f"for a head with {self.num_classes} classes")
+        if target.device.type == "cpu":
+            self.check_labels(target)
         if annotated is not None:
             if not self.accepts_annotated:
                 raise HeadzooError(f"the {type(self).__name__} head cannot use partial labels (annotated=...); "
                                    "use a head that supports them, e.g. 'sigmoid'")
             if annotated.shape != (output.shape[0], self.num_classes) or annotated.dtype != torch.bool:
                 raise HeadzooError(f"annotated must be a bool tensor of shape {(output.shape[0], self.num_classes)}")
+
+    def check_labels(self, target: Tensor) -> None:
+        """Integer labels in [0, C), or the ignore label. Reads the values: call it on host tensors. Fake tensors
+        (`headzoo estimate`) have no values and pass."""
+        if is_fake(target):
+            return
+        if target.dtype.is_floating_point and not torch.equal(target, target.round()):
+            raise HeadzooError("target must hold integer labels")
+        low, high = int(target.min()), int(target.max())
+        ignore_label = self.ignore_label
+        if low < 0 or not (high < self.num_classes or (ignore_label is not None and high == ignore_label)):
+            bad = low if low < 0 else high
+            raise HeadzooError(f"label {bad} is outside [0, {self.num_classes}) "
+                               f"for a head with {self.num_classes} classes")
+
+
+def is_fake(tensor: Tensor) -> bool:
+    """Whether `tensor` has shapes but no values (torch's FakeTensor, as `headzoo estimate` runs heads on)."""
+    from torch._subclasses.fake_tensor import is_fake as torch_is_fake
+    return torch_is_fake(tensor)
 
 
 def check_option(name: str, value, valid: bool, expected: str) -> None:

@@ -42,7 +42,11 @@ def build_optimizer(network: SegmentationNetwork, steps: int, lr: float):
 
 class TrainStep:
     """One step as nnUNetTrainer.train_step takes it: forward + loss under autocast (CUDA only), backward
-    (through a GradScaler under autocast), gradient clipping, optimizer step; the run-time contract checks."""
+    (through a GradScaler under autocast), gradient clipping, optimizer step; the run-time contract checks.
+
+    The labels are checked on the host before the batch moves, and the loss is read back once, after the
+    optimizer step (where nnU-Net's train_step reads it too): nothing in between waits for the device.
+    `headzoo estimate` runs this class on fake tensors, replacing `autocast_region` and `record_loss`."""
 
     def __init__(self, config: RunConfig, network: SegmentationNetwork, optimizer, device: torch.device):
         self.config, self.network, self.optimizer, self.device = config, network, optimizer, device
@@ -52,18 +56,16 @@ class TrainStep:
 
     def __call__(self, batch: dict) -> None:
         head, config = self.network.head, self.config
+        head.check_labels(batch["target"])
         image = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         annotated = batch["annotated"].to(self.device) if batch["annotated"] is not None else None
-        with torch.autocast("cuda", enabled=True) if self.autocast else contextlib.nullcontext():
+        with self.autocast_region():
             output = self.network(image)
             if output.shape[1] > head.num_classes:
                 raise ContractViolation(f"the {config.head} head's output has {output.shape[1]} channels, more "
                                         f"than its {head.num_classes} classes")
             loss = head.loss(output, target, annotated)
-        value = float(loss.detach())
-        if not np.isfinite(value):
-            raise ContractViolation(f"non-finite loss ({value}) at step {len(self.losses)}")
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -75,6 +77,18 @@ class TrainStep:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.record_loss(loss.detach())
+
+    def autocast_region(self) -> contextlib.AbstractContextManager:
+        """nnU-Net's autocast around forward and loss: on CUDA with --amp, else none."""
+        return torch.autocast(self.device.type) if self.autocast else contextlib.nullcontext()
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """The step's one read from the device. A non-finite loss stops the run (its update is already made:
+        the run ends here, so no later step sees it)."""
+        value = float(loss)
+        if not np.isfinite(value):
+            raise ContractViolation(f"non-finite loss ({value}) at step {len(self.losses)}")
         self.losses.append(value)
 
 

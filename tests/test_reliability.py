@@ -102,7 +102,9 @@ def test_run_time_contract_violations_stop_the_run(channels, loss_value, message
         def forward(self, image):
             return self.head(image)
     network = Network(_Broken(channels, loss_value))
-    step = TrainStep(RunConfig(head="broken"), network, build_optimizer(network, 10, 1e-3), torch.device("cpu"))
+    optimizer = build_optimizer(network, 10, 1e-3)
+    optimizer.train()  # as the training loop does: the loss is read back after the optimizer step
+    step = TrainStep(RunConfig(head="broken"), network, optimizer, torch.device("cpu"))
     batch = {"data": torch.randn(1, 2, 4, 4, 4), "target": torch.zeros(1, 1, 4, 4, 4), "annotated": None}
     with pytest.raises(ContractViolation, match=message):
         step(batch)

@@ -1,0 +1,250 @@
+"""`headzoo estimate`: the fake-tensor estimate equals the real CPU MemTracker peak for every registered head and
+variant, and the shipped CUDA autocast lists are the installed torch's (read from its dispatch table and probed
+through its own AutocastCUDA kernels)."""
+import contextlib
+import itertools
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import headzoo
+from headzoo import cuda_autocast
+from headzoo.backbone import SegmentationNetwork, build_network, get_backbone
+from headzoo.errors import HeadzooError
+from headzoo.estimate import Problem, estimate_inference, estimate_loss, estimate_step, problem_from_settings, \
+    track_peak
+from headzoo.measure import measure_peak_memory
+from headzoo.registry import get_head_class
+
+C, PATCH, VOLUME = 12, (16, 16, 16), (16, 24, 20)
+VARIANTS = [(name, options) for name in headzoo.list_heads() for options in ({}, *get_head_class(name).variants)]
+
+
+def _id(variant):
+    name, options = variant
+    return name + "".join(f"-{k}={x}" for k, x in options.items())
+
+
+def _problem(name: str, options: dict) -> Problem:
+    return problem_from_settings({"head": name, "options": options, "classes": C, "patch": PATCH}, "cpu", VOLUME)
+
+
+def _real_network(problem: Problem) -> SegmentationNetwork:
+    config = problem.config
+    backbone, features = build_network(get_backbone(config.backbone)[0], problem.in_channels, config.seed)
+    return SegmentationNetwork(backbone, headzoo.create_head(config.head, features, C, **config.options))
+
+
+def _real_batch(problem: Problem) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    shape = (problem.config.batch, 1, *problem.config.patch)
+    return {"data": torch.randn(shape, generator=generator),
+            "target": torch.randint(0, C, shape, generator=generator).to(torch.int16), "annotated": None}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+def test_estimate_equals_the_real_cpu_peak(variant):
+    """Step (after a warm-up step), loss alone and inference: the fake estimate is the real run's MemTracker peak."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+    from headzoo.inference import sliding_window_output
+    from headzoo.training import TrainStep, build_optimizer
+    problem = _problem(*variant)
+    torch.manual_seed(0)
+    network = _real_network(problem)
+    optimizer = build_optimizer(network, 10, 1e-3)
+    network.train()
+    optimizer.train()
+    step = TrainStep(problem.config, network, optimizer, torch.device("cpu"))
+    batch = _real_batch(problem)
+    step(batch)  # warm-up: the optimizer's state
+    real = measure_peak_memory(lambda: step(batch), torch.device("cpu"), network, optimizer, batch["data"],
+                               batch["target"]).bytes
+    assert estimate_step(problem).bytes == real
+
+    network = _real_network(problem)  # fresh, as the estimate's: no gradients, an empty knn index
+    head, target = network.head, batch["target"]
+    with torch.no_grad():
+        output = head(torch.randn(problem.config.batch, head.in_channels, *PATCH))
+    output.requires_grad_()
+    real_loss = measure_peak_memory(lambda: head.loss(output, target).backward(), torch.device("cpu"), head, output,
+                                    target).bytes
+    assert estimate_loss(problem).bytes == real_loss
+
+    image, volume = torch.randn(1, 1, *PATCH), torch.randn(1, *VOLUME)
+    patch_network, volume_network = _real_network(problem).eval(), _real_network(problem).eval()
+
+    def one_patch():
+        with torch.no_grad():
+            patch_network.head.predict(patch_network(image))
+
+    def whole_volume():
+        volume_network.head.predict(sliding_window_output(volume_network, volume, PATCH)[None])
+    compute_gaussian.cache_clear()  # nnU-Net caches it: made inside the measured region, as on a first call
+    patch_peak, volume_peak = estimate_inference(problem)
+    assert patch_peak.bytes == measure_peak_memory(one_patch, torch.device("cpu"), patch_network, image).bytes
+    # torch's MemTracker refuses a module called twice (the windows): PeakTracker is MemTracker without that
+    assert volume_peak.bytes == track_peak(whole_volume, volume_network, volume).bytes
+
+
+def test_estimate_breaks_the_peak_down_and_names_its_op():
+    peak = estimate_step(_problem("chunked", {}))
+    assert sum(peak.categories.values()) == peak.bytes
+    assert peak.categories["parameters"] > 0 and peak.categories["optimizer state"] > 0
+    assert peak.op and peak.phase in ("forward", "backward", "optimizer step")
+
+
+def test_a_head_that_needs_tensor_values_gets_one_line():
+    class ValueBranch(headzoo.Head):
+        """Branches on a loss value: not fake-safe."""
+
+        def __init__(self, in_channels, num_classes, **plan_options):
+            super().__init__(in_channels, num_classes, **plan_options)
+            self.conv = torch.nn.Conv3d(in_channels, num_classes, 1)
+
+        def forward(self, features):
+            return self.conv(features)
+
+        def loss(self, output, target, annotated=None):
+            loss = output.mean()
+            return loss if loss > 0 else -loss
+
+    problem = _problem("dense", {})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("headzoo.estimate.create_head", lambda name, f, c, **options: ValueBranch(f, c, **options))
+        with pytest.raises(HeadzooError, match="the dense head is not fake-safe"):
+            estimate_loss(problem)
+
+
+def test_estimate_refuses_a_triton_kernel_and_a_volume_below_the_patch():
+    with pytest.raises(HeadzooError, match="kernel=triton cannot be estimated"):
+        estimate_loss(problem_from_settings({"head": "chunked", "options": {"kernel": "triton"}, "classes": C,
+                                             "patch": PATCH}, "cpu", VOLUME))
+    with pytest.raises(HeadzooError, match="smaller than the patch"):
+        problem_from_settings({"head": "dense", "classes": C, "patch": PATCH}, "cpu", (8, 16, 16))
+
+
+def test_cuda_emulation_holds_fp16_copies_for_backward():
+    """Under CUDA's autocast a conv saves its fp16 input for backward: the emulated step holds less than fp32."""
+    settings = {"head": "chunked", "classes": C, "patch": PATCH}
+    fp32 = estimate_step(problem_from_settings(settings, "cpu", VOLUME))
+    emulated = estimate_step(problem_from_settings(settings, "cuda", VOLUME))
+    assert emulated.categories["activations"] < fp32.categories["activations"]
+    assert emulated.categories["parameters"] == fp32.categories["parameters"]
+
+
+# --- CUDA's autocast op lists -------------------------------------------------------------------------------------
+
+class _Calls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _sample(argument, make):
+    kind = str(argument.type)
+    if "Tensor" in kind:
+        return [make(), make()] if "List" in kind else make()
+    if argument.has_default_value():
+        return argument.default_value
+    if "List[int]" in kind:
+        return [1]
+    scalar = 1 if argument.name == "ord" else 2
+    samples = {"int": 1, "SymInt": 1, "float": 1.0, "bool": False, "Scalar": scalar, "number": scalar,
+               "str": "fro" if argument.name == "ord" else "ij,jk->ik"}
+    return samples.get(kind)
+
+
+def _probe(op, device: str, dtypes: list, region) -> tuple[list, list, object]:
+    """Call `op` on fake tensors of `dtypes` (in argument order) under `region`: the casts autocast made, the ops
+    it redispatched to, and the result's dtype (or the error, when the sample shapes do not fit the op)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    counter = itertools.count()
+    with FakeTensorMode():
+        def make():
+            return torch.ones(2, 2, device=device, dtype=dtypes[min(next(counter), len(dtypes) - 1)])
+        values = {a.name: _sample(a, make) for a in op._schema.arguments}
+        args = [values[a.name] for a in op._schema.arguments if not a.kwarg_only]
+        kwargs = {a.name: values[a.name] for a in op._schema.arguments if a.kwarg_only}
+        calls, result = _Calls(), None
+        with region():
+            try:
+                with calls:
+                    out = op(*args, **kwargs)
+                result = (out[0] if isinstance(out, (tuple, list)) else out).dtype
+            except Exception as error:
+                result = str(error)
+    casts = [kw.get("dtype") for f, _, kw in calls.calls if f is torch.ops.aten._to_copy.default]
+    inner = [(f, a, kw) for f, a, kw in calls.calls if f is not torch.ops.aten._to_copy.default and f.namespace == "aten"]
+    return casts, inner, result
+
+
+def _policy(name: str, device: str, region) -> str:
+    op = cuda_autocast._op(name)
+    casts, _, _ = _probe(op, device, [torch.float32], region)
+    if torch.float16 in casts:
+        return "lower_precision_fp"
+    casts, inner, result = _probe(op, device, [torch.float16], region)
+    if torch.float32 in casts:
+        return "fp32"
+    if inner and (any(torch.float32 in (*a, *kw.values()) for _, a, kw in inner[:1]) or result == torch.float32):
+        has_dtype = any(a.name == "dtype" for a in op._schema.arguments)
+        return "fp32_set_opt_dtype" if has_dtype else "fp32_append_dtype"
+    casts, _, result = _probe(op, device, [torch.float16, torch.float32], region)
+    if torch.float32 in casts:
+        return "promote"
+    return "banned" if "unsafe to autocast" in str(result) else f"none ({result})"
+
+
+@contextlib.contextmanager
+def _cuda_autocast():
+    torch._C.set_autocast_enabled("cuda", True)  # the Python context refuses without a GPU; the kernels do not
+    try:
+        yield
+    finally:
+        torch._C.set_autocast_enabled("cuda", False)
+
+
+@pytest.fixture(scope="module")
+def quiet_fake_tensors():
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # the probes' sample shapes fail many ops after the casts: expected
+    yield
+    logger.setLevel(level)
+
+
+def test_shipped_lists_are_the_installed_torchs_autocast_cuda_ops():
+    registered = {n.removeprefix("aten::") for n in torch._C._dispatch_get_all_op_names()
+                  if torch._C._dispatch_has_kernel_for_dispatch_key(n, "AutocastCUDA")}
+    shipped = set(cuda_autocast.POLICIES)
+    assert registered == shipped, (f"torch {torch.__version__}'s AutocastCUDA ops drifted from "
+                                   f"headzoo/cuda_autocast.py: new {sorted(registered - shipped)}, "
+                                   f"gone {sorted(shipped - registered)}")
+
+
+def test_each_op_has_its_shipped_policy_in_cuda_autocast_and_in_the_emulation(quiet_fake_tensors):
+    """Every op's policy as torch's own AutocastCUDA kernel applies it (fake CUDA tensors without grad work on a
+    CPU-only torch) and as the emulation applies it on CPU tensors: both the shipped one."""
+    wrong_cuda, wrong_emulation = {}, {}
+    with cuda_autocast.cuda_autocast_kernels() as emulation:
+        for name, shipped in cuda_autocast.POLICIES.items():
+            if (found := _policy(name, "cuda", _cuda_autocast)) != shipped:
+                wrong_cuda[name] = (shipped, found)
+            if (found := _policy(name, "cpu", emulation.region)) != shipped:
+                wrong_emulation[name] = (shipped, found)
+    assert not wrong_cuda, f"torch's AutocastCUDA kernels differ from the shipped policies: {wrong_cuda}"
+    assert not wrong_emulation, f"the emulation differs from the shipped policies: {wrong_emulation}"
+
+
+def test_emulation_is_gone_after_the_estimate():
+    with cuda_autocast.cuda_autocast_kernels():
+        pass
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.softmax(torch.ones(3), 0).dtype == torch.float32  # CPU autocast leaves softmax alone
+        assert torch.nn.functional.max_pool3d(torch.ones(1, 1, 2, 2, 2).half(), 2).dtype == torch.float32

@@ -91,11 +91,29 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(message in text for message in OUT_OF_MEMORY_MESSAGES)
 
 
-def optimizer_state_complete(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every parameter has its optimizer state: Adam's moments and ScheduleFree's z exist only after a
-    parameter's first real step, and a GradScaler skips the steps whose gradients overflowed. A step measured
-    for memory before then would leave that state (8 B a parameter for AdamW) out of the peak."""
-    return all(optimizer.state.get(p) for group in optimizer.param_groups for p in group["params"])
+def optimizer_state_complete(optimizer: torch.optim.Optimizer, parameters=None) -> bool:
+    """Whether every parameter (of `parameters`, default the optimizer's) has its optimizer state: Adam's moments
+    and ScheduleFree's z exist only after a parameter's first real step, and a GradScaler skips the steps whose
+    gradients overflowed. A step measured for memory before then would leave that state (8 B a parameter for
+    AdamW) out of the peak."""
+    if parameters is None:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    return bool(parameters) and all(optimizer.state.get(p) for p in parameters)
+
+
+class GradientReceivers:
+    """The parameters of `module` that have received a gradient since this was made (post-accumulate-grad hooks):
+    the ones an optimizer makes state for. A parameter no loss reaches (nnU-Net's lower-resolution seg layers
+    with deep supervision off) never gets state. ``close`` removes the hooks."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.received: set = set()
+        self._handles = [p.register_post_accumulate_grad_hook(self.received.add) for p in module.parameters()
+                         if p.requires_grad]
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def configure_cuda_timing(device: torch.device) -> dict:

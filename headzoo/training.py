@@ -14,7 +14,8 @@ from headzoo.backbone import SegmentationNetwork
 from headzoo.config import RunConfig
 from headzoo.errors import ContractViolation
 from headzoo.inference import DiceCounter, segment
-from headzoo.measure import is_out_of_memory, measure_peak_memory, optimizer_state_complete, summarize_times, timed
+from headzoo.measure import GradientReceivers, is_out_of_memory, measure_peak_memory, optimizer_state_complete, \
+    summarize_times, timed
 from headzoo.pipeline import DATA_CONFIGURATION, PreparedDataset, count_test_cases, test_cases, training_loader
 from headzoo.progress import progress_bar
 
@@ -139,6 +140,7 @@ def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: Se
     data_time = eval_time = 0.0
     memory_deadline = min(config.warmup + MEMORY_STEP_WAIT, config.steps - 2)  # leaves a timed step (validate)
     evaluation_oom = None  # an evaluation that ran out of memory: no later one runs, training and its numbers go on
+    receivers = GradientReceivers(network)  # until the memory step: which parameters need optimizer state
     started = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task(f"train {config.head} C={config.classes}", total=config.steps, visible=show_progress)
@@ -147,10 +149,12 @@ def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: Se
             batch = next(loader)  # data side, outside the measured step: the annotated-class mask too
             batch["annotated"] = prepared.annotated_mask(batch["keys"]) if prepared.partial else None
             data_time += time.perf_counter() - fetched
-            if peak is None and index >= config.warmup and (optimizer_state_complete(optimizer)
+            if peak is None and index >= config.warmup and (optimizer_state_complete(optimizer, receivers.received)
                                                               or index == memory_deadline):
+                state_complete = optimizer_state_complete(optimizer, receivers.received)
+                receivers.close()
                 peak = measure_peak_memory(lambda: step(batch), device, network, optimizer)  # the rest timed
-                memory_step, state_complete = index, optimizer_state_complete(optimizer)
+                memory_step = index
                 external_bytes = network.head.external_memory_bytes()
             elif peak is None:
                 step(batch)

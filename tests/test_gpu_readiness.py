@@ -17,7 +17,7 @@ from headzoo import training
 from headzoo.backbone import SegmentationNetwork
 from headzoo.config import RunConfig
 from headzoo.heads import knn
-from headzoo.measure import configure_cuda_timing, is_out_of_memory, optimizer_state_complete
+from headzoo.measure import GradientReceivers, configure_cuda_timing, is_out_of_memory, optimizer_state_complete
 
 
 @pytest.mark.parametrize("error,expected", [
@@ -63,12 +63,19 @@ def test_optimizer_state_is_complete_only_after_a_real_step():
     assert scaler.get_scale() == 2.0 ** 15  # the skipped step halved the scale: it really was skipped
 
 
-def test_a_parameter_without_gradient_leaves_the_state_incomplete():
+def test_state_is_complete_for_the_parameters_that_receive_gradients():
+    """A parameter no loss reaches (nnU-Net's lower seg layers without deep supervision) never gets state."""
     model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
     optimizer = _schedulefree(model)
+    receivers = GradientReceivers(model)
+    assert not optimizer_state_complete(optimizer, receivers.received)  # nothing received yet
     model["used"](torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    assert not optimizer_state_complete(optimizer)
+    assert receivers.received == set(model["used"].parameters())
+    assert optimizer_state_complete(optimizer, receivers.received) and not optimizer_state_complete(optimizer)
+    receivers.close()
+    model["unused"](torch.randn(4, 3)).sum().backward()
+    assert receivers.received == set(model["used"].parameters())  # closed: no hook left
 
 
 class _Loader:
@@ -100,12 +107,13 @@ def _train(monkeypatch, skipped_steps=0, evaluate=lambda *args: COUNTER, steps=8
     monkeypatch.setattr(training, "evaluate", evaluate)
     torch.manual_seed(0)
     network = SegmentationNetwork(nn.Conv3d(1, 4, 1), headzoo.create_head("chunked", 4, 5, rank=2))
+    network.unused = nn.Linear(2, 2)  # as nnU-Net's lower seg layers in a run: no gradient, no optimizer state
     config = RunConfig(head="chunked", classes=5, patch=(4, 4, 4), steps=steps, warmup=1, eval_every=eval_every)
     return training.train_and_evaluate(config, SimpleNamespace(partial=False), network, torch.device("cpu"), False)
 
 
 def test_memory_step_waits_until_every_parameter_has_optimizer_state(monkeypatch):
-    parameters = 4 * 2 + 2 + 2 * 5 + 1 * 4 + 4  # head basis conv, operator; backbone conv
+    parameters = 4 * 2 + 2 + 2 * 5 + 1 * 4 + 4  # head basis conv, operator; backbone conv (not the unused layer)
     every_step = _train(monkeypatch)
     assert (every_step["memory_step"], every_step["memory_step_optimizer_state_complete"]) == (1, True)
     skipped = _train(monkeypatch, skipped_steps=3)  # steps 0–2 skipped, step 3 makes the state: step 4 is measured

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from headzoo.backbone import BACKBONES
 from headzoo.errors import HeadzooError
 from headzoo.report import format_bytes, format_seconds, head_label
 from headzoo.config import from_record, title as settings_title, to_argv
@@ -73,17 +72,9 @@ def _plot(frame: pd.DataFrame, column: str, title: str, log: bool, path: Path) -
     plt.close(figure)
 
 
-def _with_patch(record: dict) -> dict:
-    """A cell that failed before resolving its patch (e.g. a bad head option) ran with its backbone's default,
-    the patch its group's other rows record."""
-    if record.get("patch") is not None or record.get("backbone") not in BACKBONES:
-        return record
-    return {**record, "patch": [BACKBONES[record["backbone"]][1]] * 3}
-
-
 def render(results: Path, out: Path) -> Path:
     """Write out/README.md and out/*.png from the results file; returns the README path."""
-    records = [_with_patch(r) for r in read_records(results, LEADERBOARD_REQUIRED)]
+    records = read_records(results, LEADERBOARD_REQUIRED)
     if not records:
         raise HeadzooError(f"{results} holds no results")
     frame = pd.DataFrame(records).fillna({"device_name": "device unknown (a crash row from submitit)"})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from headzoo.config import KEY_FIELDS
+from headzoo.config import KEY_FIELDS, run_settings
 from headzoo.errors import HeadzooError
 from headzoo.locking import file_lock
 
@@ -23,30 +23,56 @@ from headzoo.locking import file_lock
 # 3: `dice_mean` is nnU-Net's Dice (per case, then per class; a false positive in a case without the class
 #    scores 0), `dice_pooled_mean` the old pooled one; every record has an `environment`. v1/v2 rows are
 #    marked `dice_definition: pooled` on read (their dice_mean is the pooled Dice).
-SCHEMA_VERSION = 3
+# 4: a record's `request` holds the run's settings as asked for (config.to_record of the RunConfig given), the key's
+#    source; its own settings are the resolved ones (classes, patch, run id). A row without a patch (a sweep's
+#    crash row) reads with its backbone's default patch and, for a v3 row, the settings it was written with as its
+#    request; other v3 rows have no request and are keyed by their own settings.
+SCHEMA_VERSION = 4
 # a record's `dice_mean`: nnU-Net's foreground_mean (per case, then per class; inference.DiceCounter)
 DICE_DEFINITION = "nnunet"
 
 
 def record_key(record: dict, ignore_device: bool = False) -> str:
-    """The results key (config.KEY_FIELDS); `ignore_device` leaves the device name out."""
-    return json.dumps([None if ignore_device and k == "device_name" else record.get(k) for k in KEY_FIELDS],
+    """The results key (config.KEY_FIELDS) of the run as it was asked for: the settings of the record's `request`
+    where it has one (a sweep cell without --patch is one cell whatever patch the plan gives it), with the
+    dataset fingerprint and device name; `ignore_device` leaves the device name out."""
+    fields = {**record, **record.get("request", {})}
+    return json.dumps([None if ignore_device and k == "device_name" else fields.get(k) for k in KEY_FIELDS],
                       sort_keys=True)
 
 
 def migrate(record: dict) -> dict:
-    """A record in the current schema. v1 rows (before the key covered the dataset) were all toy runs."""
-    if record.get("schema_version", 1) >= SCHEMA_VERSION:
-        return record
-    if record.get("schema_version", 1) == 2:
-        return {**record, "dice_definition": "pooled", "dice_pooled_mean": record.get("dice_mean"),
-                "schema_version": SCHEMA_VERSION}
+    """A record in the current schema, one version step after another."""
+    version = record.get("schema_version", 1)
+    if version == 1:
+        record = _migrate_v1(record)
+    elif version == 2:
+        record = {**record, "dice_definition": "pooled", "dice_pooled_mean": record.get("dice_mean"),
+                  "schema_version": 3}
+    if record.get("schema_version") == 3:
+        record = {**record, "schema_version": 4}
+    return {**record, **_resolved_patch(record)}
+
+
+def _resolved_patch(record: dict) -> dict:
+    """A row without a patch (a sweep's crash row: the cell failed before resolving it, e.g. on a bad head
+    option) gets its backbone's default, the plan's patch its group's other rows record; its request (for a v3
+    row: the settings it was written with) keeps the patch null."""
+    from headzoo.backbone import BACKBONES
+    if record.get("patch") is not None or record.get("backbone") not in BACKBONES:
+        return {}
+    request = record.get("request") or {f.name: record.get(f.name) for f, _ in run_settings()}
+    return {"request": request, "patch": [BACKBONES[record["backbone"]][1]] * 3}
+
+
+def _migrate_v1(record: dict) -> dict:
+    """A v1 row (before the key covered the dataset) in schema 3; they were all toy runs."""
     preset = re.search(r"HeadzooToy_([A-Za-z0-9-]+)_C", str(record.get("dataset", "")))
     defaults = {"preset": preset.group(1) if preset else None, "dataset_folder": None, "dataset_fingerprint": None,
                 "device": "auto", "lr": 0.0025, "grad_clip": None, "amp": True, "eval_every": None, "curve": None,
                 "run_id": uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(record, sort_keys=True)).hex[:16],
                 "dice_definition": "pooled", "dice_pooled_mean": record.get("dice_mean")}
-    return {**defaults, **record, "schema_version": SCHEMA_VERSION}
+    return {**defaults, **record, "schema_version": 3}
 
 
 def strict_json(record: dict) -> str:
@@ -105,6 +131,8 @@ ROW_FIELDS: dict[str, tuple] = {
     "amp": (lambda v: isinstance(v, bool), "true or false"),
     "eval_every": (_nullable(lambda v: _is_int(v) and v >= 1), "a positive integer or null"),
     "device": _TEXT, "run_id": _TEXT_OR_NULL,
+    "request": (lambda v: isinstance(v, dict) and isinstance(v.get("head"), str),
+                "an object of the run's settings as asked for"),
     "schema_version": (lambda v: _is_int(v) and 1 <= v <= SCHEMA_VERSION,
                        f"an integer from 1 to {SCHEMA_VERSION} (a later one is a newer headzoo's)"),
     "status": (lambda v: v in ("ok", "oom", "error"), "ok, oom or error"),
@@ -203,15 +231,18 @@ def _lock(target: Path):
 
 
 def upsert_record(path: Path, record: dict) -> None:
-    """Replace the row with the same key (and a crash row of the same cell whose device was unknown), or
-    append; then atomically swap the file in. Where the file cannot take it (a bad line written meanwhile, a
-    full disk), the record is kept in a file of its own, which the one-line error names."""
+    """Replace the row with the same key (and a crash row of the same cell whose device was unknown, and a row
+    from before records had a request whose settings are this record's resolved ones), or append; then
+    atomically swap the file in. Where the file cannot take it (a bad line written meanwhile, a full disk), the
+    record is kept in a file of its own, which the one-line error names."""
     target = Path(path).resolve()  # write through a symlink to the shared file it points at
     record = migrate(record)
     key, loose = record_key(record), record_key(record, ignore_device=True)
+    resolved = record_key({k: v for k, v in record.items() if k != "request"})
 
     def replaced(row: dict) -> bool:
-        return record_key(row) == key or (row.get("device_name") is None and record_key(row, True) == loose)
+        return record_key(row) == key or (row.get("device_name") is None and record_key(row, True) == loose) or \
+            ("request" not in row and record_key(row) == resolved)
 
     try:
         validate_row(json.loads(strict_json(record)), "the new record")

@@ -1,6 +1,7 @@
 """Train one head on the shared backbone and pipeline, measure it, and return one result record."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import platform
 import shutil
@@ -17,7 +18,7 @@ from headzoo.config import TOY_CLASSES, RunConfig, new_run_id, to_record
 from headzoo.environment import describe
 from headzoo.errors import HeadzooError
 from headzoo.head import PLAN_OPTIONS
-from headzoo.measure import is_out_of_memory
+from headzoo.measure import configure_cuda_timing, is_out_of_memory
 from headzoo.paths import require_cache
 from headzoo.pipeline import PreparedDataset, build_backbone_from_plan, configuration_name, \
     folder_fingerprint, prepare_folder, prepare_toy
@@ -128,16 +129,19 @@ def environment(device: torch.device) -> dict:
 
 
 def run(config: RunConfig, show_progress: bool = True) -> dict:
-    """Train, measure and evaluate; the record's status is ok, oom or error (never raised)."""
+    """Train, measure and evaluate; the record's status is ok, oom or error (never raised). `config` is the
+    request, left as it is: the record's `request` is its settings (the results key), its own settings are the
+    resolved ones (classes, patch, run id)."""
     started = time.perf_counter()
+    request = to_record(config)
     device = validate(config)
-    config.run_id = config.run_id or new_run_id()
-    prepared = prepare(config)
+    config = dataclasses.replace(config, run_id=config.run_id or new_run_id())
+    prepared = prepare(config)  # resolves the copy's classes and patch
     options = head_options(config, prepared)
-    record = {"schema_version": SCHEMA_VERSION, **to_record(config), "dataset": prepared.name,
+    record = {"schema_version": SCHEMA_VERSION, **to_record(config), "request": request, "dataset": prepared.name,
               "plan": str(prepared.plans_file), "configuration": configuration_name(config.backbone),
               "dataset_fingerprint": prepared.fingerprint, "options_resolved": options,
-              **environment(device), "status": "ok", "error": None}
+              **environment(device), **configure_cuda_timing(device), "status": "ok", "error": None}
     torch.manual_seed(config.seed)
     backbone, features = build_backbone_from_plan(prepared, config.backbone, config.seed)
     head = create_head(config.head, features, config.classes, **options)

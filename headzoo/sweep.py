@@ -115,7 +115,8 @@ def _finish(config: SweepConfig, cell: Cell, status_code: int, stderr: str) -> N
     killed = status_code in (-signal.SIGKILL, 137)
     cell.status = "oom" if killed or status_code == OUT_OF_MEMORY_EXIT else "error"
     cell.message = "killed (out of memory)" if killed else message
-    cell.record = {"schema_version": SCHEMA_VERSION, **cell.identity, "status": cell.status, "error": cell.message}
+    cell.record = {"schema_version": SCHEMA_VERSION, **cell.identity, "request": to_record(cell.config),
+                   "status": cell.status, "error": cell.message}
     upsert_record(config.out, cell.record)
 
 

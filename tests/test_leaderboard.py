@@ -25,11 +25,18 @@ def test_rendering_is_deterministic_and_shows_oom(tmp_path):
     assert "| dense | 0.500 | `oom` |" in readme and "| chunked | 0.400 | 0.100 |" in readme
 
 
-def test_a_cell_that_failed_before_resolving_its_patch_is_in_its_groups_table(tmp_path):
+def test_a_v3_row_without_a_patch_is_migrated_to_its_backbones_default_and_keeps_its_request(tmp_path):
+    """A sweep's crash row from before schema 4 (e.g. rank=32 > C−1) reads with the small backbone's 32³ patch,
+    its request the settings it was written with (patch null), so it is in its group's table."""
+    from headzoo.results import read_records
     results = tmp_path / "results.jsonl"
     records = [_record("sigmoid", 100, dice=0.2, memory=2**20, time=0.1),
-               {**_record("sigmoid", 10, status="error"), "patch": None}]  # e.g. rank=32 > C−1
+               {**_record("sigmoid", 10, status="error"), "patch": None}]
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ok, crashed = read_records(results)
+    assert "request" not in ok and ok["schema_version"] == crashed["schema_version"] == 4
+    assert crashed["patch"] == [32, 32, 32] and crashed["request"]["patch"] is None
+    assert crashed["request"]["classes"] == 10 and crashed["request"]["head"] == "sigmoid"
     readme = render(results, tmp_path / "board").read_text()
     assert sum(line.startswith("### cpu") for line in readme.splitlines()) == 1
     assert "| sigmoid | `error` | 0.200 |" in readme

@@ -109,3 +109,29 @@ def test_submitit_resume_matches_rows_from_the_worker_machine(tmp_path):
     local = _one_cell(out)  # locally the device is known, and it is not the worker's
     plan_cells(local)
     assert local.cells[0].status == "pending"
+
+
+def test_a_sweep_without_patch_skips_its_finished_cell_and_its_crash_row_is_replaced(tmp_path):
+    """Issue 21: the run resolves the patch the sweep left unset (None); the cell is still the same cell."""
+    from headzoo.config import to_record
+    from headzoo.results import read_records, upsert_record
+    from headzoo.sweep import SweepConfig, _finish, plan_cells, plan_grid
+    out = tmp_path / "results.jsonl"
+
+    def planned():
+        config = SweepConfig(plan_grid({"preset": "tiny", "steps": 6}, [("dummy", {})], [3], [0]), out)
+        plan_cells(config)
+        return config
+    config = planned()
+    [cell] = config.cells
+    assert cell.config.patch is None and cell.status == "pending"
+    _finish(config, cell, 1, "RuntimeError: prepare failed")  # a crash row, patch null
+    [crash] = read_records(out)
+    assert crash["status"] == "error" and crash["request"]["patch"] is None
+    # the cell's own run, as runner.run records it: the resolved patch, the request beside it
+    success = {**cell.identity, "patch": [16, 16, 16], "request": to_record(cell.config), "status": "ok",
+               "error": None, "dice_mean": 0.5}
+    upsert_record(out, success)
+    [row] = read_records(out)
+    assert (row["status"], row["patch"], row["run_id"]) == ("ok", [16, 16, 16], cell.config.run_id)
+    assert [c.status for c in planned().cells] == ["skipped"]

@@ -222,6 +222,7 @@ class KnnHead(Head):
         """The options as they resolve on `device`: the search backend ``auto`` picks there (faiss or torch)."""
         return {"knn_backend": resolve_backend(self.index.backend, device)}
 
-    def param_groups(self, lr: float) -> list[dict]:
-        """Class embeddings get their own group with higher momentum (ESSNet §3.3)."""
-        return [{"params": [self.class_embeddings], "betas": (self.embedding_beta1, 0.995)}]
+    def configure_optimizer(self, lr: float, betas: tuple[float, float], weight_decay: float) -> list[dict]:
+        """Class embeddings get their own group with higher momentum (ESSNet §3.3), the shared β2 and decay."""
+        return [{"params": [self.class_embeddings], "betas": (self.embedding_beta1, betas[1]),
+                 "weight_decay": weight_decay}]

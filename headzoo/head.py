@@ -56,11 +56,13 @@ class Head(nn.Module):
     def logits(self, output: Tensor, classes: slice) -> Tensor:
         raise NotImplementedError
 
-    def param_groups(self, lr: float) -> list[dict] | None:
-        """Optional hook: the optimizer parameter groups for this head's parameters.
+    def configure_optimizer(self, lr: float, betas: tuple[float, float], weight_decay: float) -> list[dict] | None:
+        """Optional hook: optimizer parameter groups for this head's parameters, given the run's shared
+        settings (learning rate, Adam betas, weight decay; headzoo.training).
 
-        Return ``None`` (the default) to train every parameter with the runner's settings.
-        A group is a dict as ``torch.optim`` takes it (``params`` plus any overrides).
+        Return ``None`` (the default) to train every parameter with the shared settings. A group is a dict
+        as ``torch.optim`` takes it (``params`` plus any overrides) and states its ``weight_decay``: pass
+        `weight_decay` on, or 0.0 for a no-decay group. Parameters in no group get the shared settings.
         """
         return None
 

@@ -22,6 +22,7 @@ from headzoo.progress import progress_bar
 # ScheduleFree AdamW with the paper's settings: β1 (the paper's 1−β1 = 0.1), β2, weight decay, warm-up
 # (the learning rate is a run setting, RunConfig.lr).
 BETA1, BETA2, WEIGHT_DECAY, WARMUP_FRACTION = 0.9, 0.995, 0.0812, 0.02
+BETAS = (BETA1, BETA2)
 # the memory step waits, as a warm-up step, until every parameter has optimizer state, for at most this many steps
 # (a GradScaler skips the optimizer step while its scale, from 2^16, overflows the fp16 gradients; it halves each time)
 MEMORY_STEP_WAIT = 20
@@ -31,13 +32,15 @@ DICE_DEFINITION = "nnunet"
 
 def build_optimizer(network: SegmentationNetwork, steps: int, lr: float):
     import schedulefree
-    groups = network.head.param_groups(lr)
+    """ScheduleFree AdamW over the network: the head's own groups (Head.configure_optimizer, given the shared
+    settings), every other parameter with the shared settings."""
+    groups = network.head.configure_optimizer(lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
     if groups is None:
         params = [{"params": list(network.parameters())}]
     else:
         grouped = {id(p) for g in groups for p in g["params"]}
         params = [{"params": [p for p in network.parameters() if id(p) not in grouped]}, *groups]
-    return schedulefree.AdamWScheduleFree(params, lr=lr, betas=(BETA1, BETA2), weight_decay=WEIGHT_DECAY,
+    return schedulefree.AdamWScheduleFree(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY,
                                           warmup_steps=max(1, round(WARMUP_FRACTION * steps)))
 
 

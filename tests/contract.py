@@ -54,15 +54,17 @@ def check_every_parameter_gets_a_gradient(head: Head) -> None:
 
 
 def check_param_groups_hold_only_own_parameters(head: Head) -> None:
-    """`param_groups` (if any) lists only this head's parameters, each once."""
-    groups = head.param_groups(1e-3)
+    """`configure_optimizer`'s groups (if any) list only this head's parameters, each once, and each group
+    states its weight decay."""
+    groups = head.configure_optimizer(lr=1e-3, betas=(0.9, 0.995), weight_decay=0.0812)
     if groups is None:
         return
     own = {id(p): n for n, p in head.named_parameters()}
     seen: set[int] = set()
     for group in groups:
+        assert "weight_decay" in group, f"{type(head).__name__}: an optimizer group does not state its weight_decay"
         for parameter in group["params"]:
-            assert id(parameter) in own, f"{type(head).__name__}: param_groups holds a parameter that is not the head's"
+            assert id(parameter) in own, f"{type(head).__name__}: configure_optimizer holds a parameter that is not the head's"
             assert id(parameter) not in seen, f"{type(head).__name__}: parameter '{own[id(parameter)]}' is in two groups"
             seen.add(id(parameter))
 

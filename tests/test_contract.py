@@ -29,8 +29,13 @@ class UnusedParameter(GoodHead):
 
 
 class ForeignParamGroup(GoodHead):
-    def param_groups(self, lr):
-        return [{"params": [nn.Parameter(torch.zeros(1))]}]
+    def configure_optimizer(self, lr, betas, weight_decay):
+        return [{"params": [nn.Parameter(torch.zeros(1))], "weight_decay": weight_decay}]
+
+
+class UnstatedWeightDecay(GoodHead):
+    def configure_optimizer(self, lr, betas, weight_decay):
+        return [{"params": list(self.parameters())}]
 
 
 class IgnoresAnnotated(GoodHead):
@@ -65,8 +70,9 @@ def test_the_good_head_passes_every_check():
     (PredictsArgmin(), contract.check_predict_is_argmax_of_logits, "predict disagrees with the argmax"),
     (UnusedParameter(), contract.check_every_parameter_gets_a_gradient, "parameter 'forgotten' gets no gradient"),
     (ForeignParamGroup(), contract.check_param_groups_hold_only_own_parameters, "not the head's"),
+    (UnstatedWeightDecay(), contract.check_param_groups_hold_only_own_parameters, "does not state its weight_decay"),
     (IgnoresAnnotated(), contract.check_unannotated_class_contributes_nothing, "still changes the loss"),
-], ids=["predict", "gradient", "param_groups", "annotated"])
+], ids=["predict", "gradient", "param_groups", "weight_decay", "annotated"])
 def test_each_check_fails_for_its_broken_head(head, check, message):
     with pytest.raises(AssertionError, match=message):
         check(head)

@@ -81,8 +81,9 @@ def test_missing_faiss_is_a_clear_error(monkeypatch):
 
 def test_class_embeddings_get_their_own_optimizer_group():
     head, _, _ = _setup()
-    groups = head.param_groups(0.01)
-    assert groups[0]["params"] == [head.class_embeddings] and groups[0]["betas"][0] > 0.9
+    groups = head.configure_optimizer(lr=0.01, betas=(0.9, 0.5), weight_decay=0.25)
+    assert groups[0]["params"] == [head.class_embeddings] and groups[0]["betas"] == (head.embedding_beta1, 0.5)
+    assert groups[0]["weight_decay"] == 0.25 and head.embedding_beta1 > 0.9
 
 
 def test_auto_backend_picks_faiss_where_it_runs_on_the_device(monkeypatch):

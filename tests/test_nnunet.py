@@ -43,7 +43,9 @@ def test_class_counts_match_nnunet_one_hot_counts():
     prediction = torch.randint(0, 6, (2, 5, 6, 7), generator=generator)
     target = torch.randint(0, 7, (2, 5, 6, 7), generator=generator)  # 6 is the ignore label
     mask = (target != 6).float()[:, None]
-    one_hot = lambda x: torch.nn.functional.one_hot(x.clamp(max=5), 6).movedim(-1, 1).float()
+
+    def one_hot(x):
+        return torch.nn.functional.one_hot(x.clamp(max=5), 6).movedim(-1, 1).float()
     tp, fp, fn, _ = get_tp_fp_fn_tn(one_hot(prediction), target[:, None].clamp(max=5), axes=[0, 2, 3, 4], mask=mask)
     ours = class_counts(prediction, target, 6, ignore_label=6)
     for mine, reference in zip(ours, (tp, fp, fn)):

@@ -169,7 +169,7 @@ def test_rows_11_12_13_a_bad_row_is_one_line_naming_file_and_line(tmp_path, caps
     results = write_rows(tmp_path / "results.jsonl", [record(seed=3), row])
     code, stderr = main(["leaderboard", "--results", str(results), "--out", str(tmp_path / "board")], capsys,
                         monkeypatch)
-    assert_one_line(code, stderr, f"results.jsonl:2")
+    assert_one_line(code, stderr, "results.jsonl:2")
     assert message in stderr
     code, stderr = main([*RUN, "--head", "dense", "--out", str(results)], capsys, monkeypatch)  # before training
     assert_one_line(code, stderr, message)
@@ -363,7 +363,7 @@ def test_row19_labels_that_are_not_consecutive_are_refused_up_front(toy_folder, 
 
 
 def _rewrite_images(folder, split, change, channel="0000"):
-    for path in sorted((folder / f"images{split}").glob(f"*_0000.nii.gz")):
+    for path in sorted((folder / f"images{split}").glob("*_0000.nii.gz")):
         image = sitk.ReadImage(str(path))
         changed = change(image)
         sitk.WriteImage(changed, str(path).replace("_0000.nii.gz", f"_{channel}.nii.gz"))

@@ -6,7 +6,7 @@ import typer
 from typer.testing import CliRunner
 
 from headzoo.cli import with_run_settings
-from headzoo.config import KEY_FIELDS, RunConfig, from_record, run_settings, to_argv, to_record
+from headzoo.config import RunConfig, from_record, run_settings, to_argv, to_record
 from headzoo.protocol import accuracy_note, protocol_settings
 
 
@@ -35,8 +35,24 @@ def test_every_setting_round_trips_through_the_command_line():
 
 
 def test_the_key_is_every_setting_that_changes_a_result():
-    assert set(KEY_FIELDS) == {f.name for f, s in run_settings() if s.key} | {"dataset_fingerprint", "device_name"}
-    assert {"dataset_folder", "device", "run_id", "eval_every"}.isdisjoint(KEY_FIELDS)
+    """Each setting that changes what is measured changes a record's key; evaluating, the device asked for,
+    the run id and the folder's path (its content fingerprint is keyed) do not."""
+    from headzoo.results import record_key
+    record = {**to_record(RunConfig(head="dense", classes=10, patch=(32, 32, 32))), "dataset_fingerprint": "abc",
+              "device_name": "cpu (test)"}
+    changes = {"head": "chunked", "options": {"rank": 4}, "classes": 11, "backbone": "resenc-m",
+               "patch": [16, 16, 16], "batch": 3, "steps": 61, "seed": 1, "partial": 2, "memory_limit_bytes": 2**30,
+               "preset": "tiny", "warmup": 4, "lr": 0.01, "grad_clip": None, "amp": False,
+               "dataset_fingerprint": "def", "device_name": "NVIDIA H200"}
+    same = {"eval_every": 10, "device": "cuda", "run_id": "another-run", "dataset_folder": "/data/Dataset001_X"}
+    assert set(changes) | set(same) == set(record)  # a new setting must be placed on one side
+    for name, value in changes.items():
+        assert record_key({**record, name: value}) != record_key(record), name
+    for name, value in same.items():
+        assert record_key({**record, name: value}) == record_key(record), name
+    # a record with a request is keyed by it: the patch the run resolved is not the key's
+    requested = {**record, "request": {**to_record(RunConfig(head="dense", classes=10)), "patch": None}}
+    assert record_key({**requested, "patch": [16, 16, 16]}) == record_key(requested) != record_key(record)
 
 
 def test_a_short_toy_run_points_at_the_accuracy_protocol():

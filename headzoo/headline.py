@@ -25,7 +25,7 @@ def seed_cell(rows: pd.DataFrame, column: str, formatter) -> str:
         return ", ".join(f"`{s}`" for s in sorted(failed.index)) or "–"
     low, high = formatter(values.min()), formatter(values.max())
     text = low if low == high else f"{formatter(values.mean())} [{low}–{high}]"  # seeds that agree: one value
-    if column.startswith("dice") and (ok.get("dice_definition") == "pooled").any():
+    if column.startswith("dice") and "dice_definition" in ok and (ok["dice_definition"] == "pooled").any():
         text += OLD_DICE
     return text + "".join(f" ({n} `{s}`)" for s, n in sorted(failed.items()))
 

@@ -22,7 +22,7 @@ from headzoo.measure import configure_cuda_timing, is_out_of_memory
 from headzoo.paths import require_cache
 from headzoo.pipeline import PreparedDataset, build_backbone_from_plan, configuration_name, \
     folder_fingerprint, prepare_folder, prepare_toy
-from headzoo.registry import create_head, get_head_class
+from headzoo.registry import create_head, get_head_class, validate_head_options
 from headzoo.results import SCHEMA_VERSION
 from headzoo.training import train_and_evaluate
 
@@ -72,6 +72,7 @@ def validate(config: RunConfig) -> torch.device:
     get_backbone(config.backbone)
     if config.patch is not None:  # early, against the table; _prepare checks it against the plan
         check_patch(config.backbone, config.patch)
+    validate_head_options(config)  # the head built on the meta device: bad options fail before any data
     return resolve_device(config.device)
 
 

@@ -225,6 +225,40 @@ def estimate(settings: dict,
         print_estimate(result, console)
 
 
+@app.command()
+def advise(classes: int = typer.Option(..., help="number of labels C, background included"),
+           memory: str = typer.Option(..., help="the GPU's memory, e.g. 24GiB"),
+           backbone: str = typer.Option("resenc-l", help="see `headzoo backbones`"),
+           patch: Optional[int] = typer.Option(None, help="cubic patch edge (default: the backbone's)"),
+           batch: int = typer.Option(2),
+           device_kind: str = typer.Option("cuda", "--device-kind", help="cuda (autocast emulated) or cpu"),
+           results: Path = typer.Option(Path("leaderboard/results.jsonl"), help="measured rows (step time, Dice)"),
+           as_json: bool = typer.Option(False, "--json", help="print the table as JSON"),
+           plot: Optional[Path] = typer.Option(None, help="also draw estimated memory against C (10 to 10,000) for "
+                                               "every head, with the budget as a line, into this PNG")) -> None:
+    """Which head fits a C and a GPU: every head's estimated peak, largest batch and patch, measured Dice."""
+    from headzoo.advise import PLOT_CLASSES, advise as run_advise, as_json as advice_json, plot as draw
+    from headzoo.config import parse_bytes
+    from headzoo.estimate_report import print_advice
+    budget = parse_bytes(memory)
+    advice, recommendation = run_advise(classes, budget, backbone, patch, batch, device_kind, results)
+    if as_json:
+        print(json.dumps({"advice": advice_json(advice), "recommendation": recommendation, "budget_bytes": budget}))
+    else:
+        edge = patch or advice_patch(backbone)
+        print_advice(advice, recommendation, f"C = {classes}, {backbone}, patch {edge}³, batch {batch}, {device_kind}",
+                     budget, console)
+    if plot is not None:
+        written = draw(PLOT_CLASSES, backbone, patch or advice_patch(backbone), batch, device_kind, budget, plot)
+        if not as_json:
+            console.print(f"wrote {written}")
+
+
+def advice_patch(backbone: str) -> int:
+    from headzoo.backbone import get_backbone
+    return get_backbone(backbone)[1]
+
+
 @app.command("nnunet-dir")
 def nnunet_dir() -> None:
     """Print the folder of nnU-Net trainers for every registered head: export nnUNet_extTrainer=$(headzoo nnunet-dir)."""

@@ -39,3 +39,25 @@ def _options(options: dict) -> str:
     shown = {k: v for k, v in options.items() if k not in ("batch_dice", "ignore_label") or v}
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "(defaults)"
 
+
+def print_advice(advice: list, recommendation: str, settings: str, budget: int, console: Console) -> None:
+    """`headzoo advise`'s table: one row per registered head."""
+    table = Table("head", "fits", "est. peak GiB", "largest batch", "largest patch", "step s (measured)",
+                  "Dice (measured)", "measured on", title=f"{settings}, budget {budget / 2**30:.1f} GiB")
+    for a in advice:
+        measured = a.measured or {}
+        step = measured.get("step_time_median_s")
+        dice = measured.get("dice_mean")
+        where = measured.get("where", "not measured")
+        if a.error:
+            table.add_row(a.head, "[red]error[/red]", a.error, "", "", "", "", where)
+            continue
+        table.add_row(a.head, "[green]yes[/green]" if a.fits else "[red]no[/red]", gib(a.peak_bytes),
+                      str(a.largest_batch), f"{a.largest_patch}³" if a.largest_patch else "none",
+                      f"{step:.2f}" if step is not None else "—", f"{dice:.3f}" if dice is not None else "—", where)
+    console.print(table)
+    console.print(f"[bold]Recommendation[/bold]: {recommendation}")
+    console.print("Peaks: one training step estimated from headzoo's own code on fake tensors (a tensor-level lower "
+                  "bound: no CUDA context, workspaces or allocator overhead). Largest batch/patch: scaled from it "
+                  "(parameters, gradients and optimizer state fixed; the rest grows with batch × voxels). Step time "
+                  "and Dice: the nearest measured row of the results file, where it was measured.")

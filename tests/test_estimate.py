@@ -3,7 +3,9 @@ variant, and the shipped CUDA autocast lists are the installed torch's (read fro
 through its own AutocastCUDA kernels)."""
 import contextlib
 import itertools
+import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -248,3 +250,78 @@ def test_emulation_is_gone_after_the_estimate():
     with torch.autocast("cpu", dtype=torch.float16):
         assert torch.softmax(torch.ones(3), 0).dtype == torch.float32  # CPU autocast leaves softmax alone
         assert torch.nn.functional.max_pool3d(torch.ones(1, 1, 2, 2, 2).half(), 2).dtype == torch.float32
+
+
+# --- headzoo advise ---------------------------------------------------------------------------------------------
+
+def test_advise_fits_exactly_at_the_estimated_peak(tmp_path):
+    from headzoo.advise import advise
+    peak = estimate_step(problem_from_settings({"head": "chunked", "classes": C, "patch": PATCH}, "cuda", None))
+    for budget, fits in ((peak.bytes, True), (peak.bytes - 1, False)):
+        advice, _ = advise(C, budget, "small", PATCH[0], 2, "cuda", tmp_path / "none.jsonl")
+        chunked = next(a for a in advice if a.head == "chunked")
+        assert chunked.fits is fits and chunked.peak_bytes == peak.bytes
+        assert {a.head for a in advice} == set(headzoo.list_heads())
+
+
+def test_advise_scales_batch_and_patch_from_the_fixed_and_growing_parts():
+    from headzoo.advise import largest_batch, largest_patch
+    from headzoo.estimate import Peak
+    categories = {"parameters": 100, "gradients": 0, "optimizer state": 200, "activations": 700, "temporaries": 0,
+                  "inputs": 0}
+    peak = Peak(1000, categories, "mm", "backward")  # 300 fixed, 700 for batch 2 at 32³
+    assert largest_batch(peak, 2, 300 + 350 * 5) == 5 and largest_batch(peak, 2, 300 + 350 * 5 - 1) == 4
+    # 64³ holds 8× the 32³ activations: 300 + 5600
+    assert largest_patch(peak, 32, 16, 300 + 5600) == 64 and largest_patch(peak, 32, 16, 300 + 5599) == 48
+
+
+def test_advise_takes_the_nearest_measured_row():
+    from headzoo.advise import nearest_measured
+    row = {"head": "dense", "status": "ok", "options": {}, "dice_mean": 0.5, "backbone": "small", "patch": [32] * 3,
+           "batch": 2, "steps": 60, "device_name": "cpu", "step_time_median_s": 1.0, "time": "2026-01-01"}
+    records = [{**row, "classes": 100, "dice_mean": 0.9}, {**row, "classes": 1000, "dice_mean": 0.1},
+               {**row, "classes": 500, "backbone": "resenc-l", "dice_mean": 0.3}, {**row, "head": "knn", "classes": 500}]
+    assert nearest_measured(records, "dense", 300, "small", 32, 2)["dice_mean"] == 0.9   # log-nearest C
+    assert nearest_measured(records, "dense", 300, "resenc-l", 32, 2)["dice_mean"] == 0.3  # same backbone first
+    assert nearest_measured(records, "sigmoid", 300, "small", 32, 2) is None
+    assert "C = 100" in nearest_measured(records, "dense", 300, "small", 32, 2)["where"]
+
+
+# --- the commands ---------------------------------------------------------------------------------------------
+
+def _command(arguments, capsys, monkeypatch) -> tuple[int, str, str]:
+    from headzoo.cli import main
+    monkeypatch.setattr(sys, "argv", ["headzoo", *arguments])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_info:
+        code = exit_info.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_estimate_command_prints_json_and_its_table(capsys, monkeypatch):
+    small = ["--head", "chunked", "--classes", str(C), "--patch", "16", "--volume", "16x24x20", "--device-kind", "cpu"]
+    code, out, _ = _command(["estimate", *small, "--json"], capsys, monkeypatch)
+    result = json.loads(out)
+    assert code == 0 and result["training_step"]["bytes"] == estimate_step(_problem("chunked", {})).bytes
+    assert set(result) >= {"training_step", "loss", "inference_patch", "inference_volume"}
+    code, out, _ = _command(["estimate", *small], capsys, monkeypatch)
+    assert code == 0 and "training step" in out and "lower bound" in out
+
+
+def test_estimate_command_refuses_bad_input_in_one_line(capsys, monkeypatch):
+    code, _, err = _command(["estimate", "--head", "chunked", "--device-kind", "tpu"], capsys, monkeypatch)
+    assert code == 2 and err.strip() == "headzoo: error: --device-kind must be cuda or cpu, got 'tpu'"
+    code, _, err = _command(["advise", "--classes", "10", "--memory", "lots"], capsys, monkeypatch)
+    assert code == 2 and "cannot read 'lots' as a memory size" in err
+
+
+def test_advise_command_prints_json_per_head(capsys, monkeypatch, tmp_path):
+    code, out, _ = _command(["advise", "--classes", str(C), "--memory", "1GiB", "--backbone", "small", "--patch", "16",
+                             "--results", str(tmp_path / "none.jsonl"), "--json"], capsys, monkeypatch)
+    result = json.loads(out)
+    assert code == 0 and {a["head"] for a in result["advice"]} == set(headzoo.list_heads())
+    assert all(a["fits"] is (a["peak_bytes"] <= 2**30) for a in result["advice"] if a["error"] is None)
+    assert result["recommendation"]

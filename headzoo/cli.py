@@ -143,12 +143,10 @@ def run(settings: dict,
     from headzoo.config import RunConfig
     from headzoo.protocol import accuracy_note
     from headzoo.report import print_record
-    from headzoo.registry import validate_head_options
     from headzoo.results import check_results_file, upsert_record
     from headzoo.runner import run as run_head, validate
     config = RunConfig(**settings)
-    validate(config)
-    validate_head_options(config)  # before any data is made
+    validate(config)  # settings and head options (on the meta device), before any data is made
     check_results_file(out)
     apply_memory_limit(config.memory_limit_bytes, config.device)
     record = run_head(config, show_progress=not as_json)

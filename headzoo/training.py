@@ -18,6 +18,7 @@ from headzoo.measure import GradientReceivers, is_out_of_memory, measure_peak_me
     summarize_times, timed
 from headzoo.pipeline import DATA_CONFIGURATION, PreparedDataset, count_test_cases, test_cases, training_loader
 from headzoo.progress import progress_bar
+from headzoo.results import DICE_DEFINITION
 
 # ScheduleFree AdamW with the paper's settings: β1 (the paper's 1−β1 = 0.1), β2, weight decay, warm-up
 # (the learning rate is a run setting, RunConfig.lr).
@@ -26,8 +27,6 @@ BETAS = (BETA1, BETA2)
 # the memory step waits, as a warm-up step, until every parameter has optimizer state, for at most this many steps
 # (a GradScaler skips the optimizer step while its scale, from 2^16, overflows the fp16 gradients; it halves each time)
 MEMORY_STEP_WAIT = 20
-# the record's `dice_mean`: nnU-Net's foreground_mean (per case, then per class; inference.DiceCounter)
-DICE_DEFINITION = "nnunet"
 
 
 def build_optimizer(network: SegmentationNetwork, steps: int, lr: float):

@@ -66,6 +66,11 @@ class Head(nn.Module):
         """
         return None
 
+    def resolved_options(self, device: torch.device) -> dict:
+        """Optional hook: options whose value is only decided on the run's device (knn's ``knn_backend=auto``
+        → faiss or torch); the record's ``options_resolved`` shows what ran. Default: none."""
+        return {}
+
     def external_memory_bytes(self) -> int:
         """Optional hook: device memory the head holds outside torch's allocator (e.g. a FAISS GPU index and its
         temporary pool), which the allocator's peak cannot see; the record adds it beside the peak. Default 0."""

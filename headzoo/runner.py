@@ -146,6 +146,7 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
     torch.manual_seed(config.seed)
     backbone, features = build_backbone_from_plan(prepared, config.backbone, config.seed)
     head = create_head(config.head, features, config.classes, **options)
+    record["options_resolved"] = {**options, **head.resolved_options(device)}
     if prepared.partial and not head.accepts_annotated:
         raise HeadzooError(f"the {config.head} head cannot use partially labelled data (annotated classes per "
                            "case); use a head that can, e.g. 'sigmoid', or drop --partial")

@@ -42,3 +42,11 @@ def test_loading_is_lazy(monkeypatch):
     monkeypatch.setattr(EntryPoint, "load", lambda self: loaded.append(self.name))
     registry.list_heads()
     assert loaded == []
+
+
+def test_resolved_options_name_what_runs_never_auto():
+    import torch
+    from headzoo.registry import create_head
+    assert create_head("dense", 8, 5, batch_dice=False, ignore_label=None).resolved_options(torch.device("cpu")) == {}
+    knn = create_head("knn", 8, 5, batch_dice=False, ignore_label=None)
+    assert knn.resolved_options(torch.device("cpu"))["knn_backend"] in ("faiss", "torch")

@@ -90,6 +90,52 @@ def test_estimate_equals_the_real_cpu_peak(variant):
     assert volume_peak.bytes == track_peak(whole_volume, volume_network, volume).bytes
 
 
+@pytest.mark.parametrize("name", ["chunked", "knn", "sigmoid"])
+def test_estimate_equals_the_real_cpu_peak_with_an_ignore_label(name):
+    """Ignored voxels stay in the loss with weight 0 (fixed shapes), so an ignore label is estimated exactly too."""
+    from headzoo.training import TrainStep, build_optimizer
+    problem = _problem(name, {"ignore_label": C})
+    torch.manual_seed(0)
+    network = _real_network(problem)
+    optimizer = build_optimizer(network, 10, 1e-3)
+    optimizer.train()
+    step = TrainStep(problem.config, network, optimizer, torch.device("cpu"))
+    batch = _real_batch(problem)
+    batch["target"][:, :, :4] = C  # a slab of ignored voxels
+    step(batch)
+    real = measure_peak_memory(lambda: step(batch), torch.device("cpu"), network, optimizer, batch["data"],
+                               batch["target"]).bytes
+    assert estimate_step(problem).bytes == real
+
+
+def test_a_loss_whose_every_voxel_is_ignored_is_finite():
+    """As nnU-Net's masked CE: 0, not NaN, when nothing is left (knn: only the margin term; chunked: only Dice)."""
+    features = torch.randn(2, 6, 4, 4, 4)
+    target = torch.full((2, 1, 4, 4, 4), C)
+    for name in ("chunked", "knn"):
+        head = headzoo.create_head(name, 6, C, ignore_label=C)
+        loss = head.loss(head(features), target)
+        assert torch.isfinite(loss), f"{name}: {loss}"
+    knn = headzoo.create_head("knn", 6, C, ignore_label=C)
+    assert torch.equal(knn.loss(knn(features), target), knn.margin_regulariser(knn.centroids()))
+
+
+def test_knn_negatives_drop_the_target_or_the_farthest():
+    from headzoo.heads.knn import knn_negatives
+    generator = torch.Generator().manual_seed(0)
+    neighbours = torch.stack([torch.randperm(20, generator=generator)[:6] for _ in range(50)])
+    target = torch.where(torch.rand(50, generator=generator) < 0.5, neighbours[:, 2], torch.full((50,), 99))
+    expected = [[n for n in row if n != t] if t in row else row[:-1] for row, t in
+                zip(neighbours.tolist(), target.tolist())]
+    assert knn_negatives(neighbours, target).tolist() == expected
+
+
+def test_dense_with_an_ignore_label_is_refused_in_one_line():
+    """nnU-Net's DC_and_CE_loss branches on the count of labelled voxels when it has an ignore label."""
+    with pytest.raises(HeadzooError, match="the dense head is not fake-safe"):
+        estimate_step(_problem("dense", {"ignore_label": C}))
+
+
 def test_estimate_breaks_the_peak_down_and_names_its_op():
     peak = estimate_step(_problem("chunked", {}))
     assert sum(peak.categories.values()) == peak.bytes

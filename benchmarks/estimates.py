@@ -136,12 +136,13 @@ def measured_section(store: Store) -> list[str]:
              "measured step); the estimate counts it, so the batch's bytes are taken off before the ratio. Rows made "
              "before the measured step waited for every parameter's optimizer state (issue 20), or by older code, "
              "can differ. Each setting's median row is shown, estimated with the row's own gradient clipping. "
-             "Every setting measured by current code (gradient clipping at 12, the default since 2026-11-23) is "
-             "within 0.2% (ratios 0.998–1.000; in every one of them the run holds exactly 128 KiB more, the size "
-             "of the batch's int16 label map: one more label-map-sized tensor than with the estimate's fake batch, "
-             "which tests/test_estimate.py, handing both the same batch, shows byte-identical); the rows with clipping off were all made by c9ffb0d (2026-11-22), whose "
-             "losses held less (dense at C = 1000: 250 MiB, one fp32 C × S tensor, less), so the estimate of today's "
-             "code is above them.", "",
+             "All 54 rows with gradient clipping at 12 (today's default; made since 2026-11-23) are within 0.2% "
+             "(ratios 0.998–1.000): in every one the run holds exactly 128 KiB more than the estimate, the size of "
+             "the batch's int16 label map, one more label-map-sized tensor than with the estimate's fake batch "
+             "(tests/test_estimate.py, handing both the same batch, shows them byte-identical). The rows with "
+             "clipping off were made by older code (c9ffb0d, 2026-11-22; two sigmoid rows by 57c24cf): its dense, "
+             "chunked and knn losses held less (dense at C = 1000: 250 MiB, one fp32 C × S tensor, less), so "
+             "today's code is estimated above them; its sigmoid rows agree.", "",
              "| head | options | C | backbone | patch | batch | toy (channels) | gradient clipping | measured MiB | "
              "estimate MiB | ratio | rows | made by |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     from headzoo.results import read_records

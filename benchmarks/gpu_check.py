@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -150,20 +149,11 @@ def exit_code(results: list[Result]) -> int:
 
 def append_record(path: Path, result: Result, environment: dict) -> None:
     """One strict-JSON line per check (a NaN or infinity as null): the environment and the check's result."""
+    from headzoo.results import strict_json
     record = {**environment, "check": result.name, "status": result.status, "seconds": round(result.seconds, 3),
-              "why": result.why, "numbers": _strict(result.numbers)}
+              "why": result.why, "numbers": result.numbers}
     with path.open("a") as handle:
-        handle.write(json.dumps(record, sort_keys=True, allow_nan=False, default=str) + "\n")
-
-
-def _strict(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
+        handle.write(strict_json(record, default=str) + "\n")
 
 
 def render(path: Path) -> str:

@@ -109,7 +109,8 @@ class DiceCounter:
 
     def worst_mean(self, fraction: float) -> float | None:
         """Mean Dice of the worst `fraction` of scored classes (at least one): what a mean over 1000 hides."""
-        dice = np.sort(self.per_class()[np.isfinite(self.per_class())])
+        dice = self.per_class()
+        dice = np.sort(dice[np.isfinite(dice)])
         return float(dice[:max(1, int(np.ceil(fraction * dice.size)))].mean()) if dice.size else None
 
 

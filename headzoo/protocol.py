@@ -40,9 +40,8 @@ def is_protocol_run(record: dict) -> bool:
 def is_tuning_run(record: dict) -> bool:
     """A run of the learning-rate grid: the protocol at one of LR_GRID's rates, at the tuning class count and seed."""
     config = from_record(record)
-    tuned = dataclasses.replace(config, lr=protocol_lr(config.head, config.options))
     return (config.lr in LR_GRID and all(getattr(config, k) == v for k, v in TUNING.items())
-            and is_protocol_run({**record, "lr": tuned.lr}))
+            and is_protocol_run({**record, "lr": protocol_lr(config.head, config.options)}))
 
 
 def accuracy_note(record: dict) -> str | None:

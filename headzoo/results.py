@@ -75,8 +75,9 @@ def _migrate_v1(record: dict) -> dict:
     return {**defaults, **record, "schema_version": 3}
 
 
-def strict_json(record: dict) -> str:
-    """One JSON line; a NaN or infinity is null (strict JSON), never written as NaN."""
+def strict_json(record: dict, default=None) -> str:
+    """One JSON line; a NaN or infinity is null (strict JSON), never written as NaN. `default`: json.dumps's,
+    for values JSON has no type for (None: such a value is an error)."""
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
             return None
@@ -85,7 +86,7 @@ def strict_json(record: dict) -> str:
         if isinstance(value, (list, tuple)):
             return [clean(v) for v in value]
         return value
-    return json.dumps(clean(record), sort_keys=True, allow_nan=False)
+    return json.dumps(clean(record), sort_keys=True, allow_nan=False, default=default)
 
 
 def _is_int(value) -> bool:

@@ -136,13 +136,14 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
     started = time.perf_counter()
     request = to_record(config)
     device = validate(config)
+    timing = configure_cuda_timing(device)  # nnU-Net's cuDNN settings, before anything runs on the device
     config = dataclasses.replace(config, run_id=config.run_id or new_run_id())
     prepared = prepare(config)  # resolves the copy's classes and patch
     options = head_options(config, prepared)
     record = {"schema_version": SCHEMA_VERSION, **to_record(config), "request": request, "dataset": prepared.name,
               "plan": str(prepared.plans_file), "configuration": configuration_name(config.backbone),
               "dataset_fingerprint": prepared.fingerprint, "options_resolved": options,
-              **environment(device), **configure_cuda_timing(device), "status": "ok", "error": None}
+              **environment(device), **timing, "status": "ok", "error": None}
     torch.manual_seed(config.seed)
     backbone, features = build_backbone_from_plan(prepared, config.backbone, config.seed)
     head = create_head(config.head, features, config.classes, **options)

@@ -181,11 +181,11 @@ def build_fake_network(problem: Problem) -> SegmentationNetwork:
     """The run's network, as `headzoo run` builds it (backbone table → nnU-Net's get_network_from_plans, head
     from the registry), under the active FakeTensorMode."""
     config = problem.config
-    backbone, features = build_network(get_backbone(config.backbone)[0], problem.in_channels, config.seed)
-    head = create_head(config.head, features, config.classes, **config.options)
-    if getattr(head, "kernel", None) == "triton":
+    if config.options.get("kernel") == "triton":  # refused as asked, before the head would need triton installed
         raise HeadzooError("kernel=triton cannot be estimated: its fused kernels run outside torch's dispatcher "
                            "(estimate kernel=torch, which holds more)")
+    backbone, features = build_network(get_backbone(config.backbone)[0], problem.in_channels, config.seed)
+    head = create_head(config.head, features, config.classes, **config.options)
     return SegmentationNetwork(backbone, head)
 
 

@@ -33,15 +33,24 @@ def test_resume_skips_ok_cells_and_never_duplicates(tmp_path):
     assert "1 ok, 0 oom, 0 error, 0 skipped" in third.stdout and len(rows(out)) == 6
 
 
-@pytest.mark.slow
-def test_errors_are_captured_with_their_message(tmp_path):
+def test_an_invalid_variant_is_refused_while_planning(tmp_path):
     out = tmp_path / "results.jsonl"
     result = sweep("--heads", "dummy", "--variant", "chunked:chunk=0", "--classes", "3", "--patch", "16",
                    "--out", str(out))
+    assert result.returncode == 2 and result.stderr == "headzoo: error: chunk must be positive, got 0\n"
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_errors_are_captured_with_their_message(tmp_path):
+    out = tmp_path / "results.jsonl"
+    result = subprocess.run([*SWEEP, "--heads", "dummy,dense", "--classes", "3", "--patch", "16", "--out", str(out)],
+                            capture_output=True, text=True, env={**os.environ, "HEADZOO_DUMMY_HEAD_FAILS": "1"})
     assert result.returncode == 0, result.stderr
     by_head = {r["head"]: r for r in rows(out)}
-    assert by_head["dummy"]["status"] == "ok"
-    assert by_head["chunked"]["status"] == "error" and "chunk must be positive" in by_head["chunked"]["error"]
+    assert by_head["dense"]["status"] == "ok"
+    assert by_head["dummy"]["status"] == "error"
+    assert by_head["dummy"]["error"] == "RuntimeError: the dummy head failed on purpose (HEADZOO_DUMMY_HEAD_FAILS)"
 
 
 @pytest.mark.slow

@@ -1,4 +1,9 @@
-"""A plug-in head as a third party would write one: 1×1×1 conv to C logits, plain cross-entropy."""
+"""A plug-in head as a third party would write one: 1×1×1 conv to C logits, plain cross-entropy.
+
+With HEADZOO_DUMMY_HEAD_FAILS set, its loss raises: the sweep's tests use it for an error that only training
+can find (everything a request can get wrong is refused before a cell starts)."""
+import os
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,6 +22,8 @@ class DummyHead(Head):
 
     def loss(self, output, target, annotated=None):
         self.check_target(output, target, annotated)
+        if os.environ.get("HEADZOO_DUMMY_HEAD_FAILS"):
+            raise RuntimeError("the dummy head failed on purpose (HEADZOO_DUMMY_HEAD_FAILS)")
         return F.cross_entropy(output, target[:, 0].long())
 
     def predict(self, output):

@@ -68,6 +68,9 @@ def validate(config: RunConfig) -> torch.device:
         raise HeadzooError(f"--steps must exceed the {config.warmup} warm-up steps plus one memory step")
     if config.batch < 1:
         raise HeadzooError(f"--batch must be positive, got {config.batch}")
+    if config.eval_every is not None and config.eval_every < 1:  # the record takes none: refuse before training
+        raise HeadzooError(f"--eval-every must be a positive number of steps, got {config.eval_every} "
+                           "(leave it out for no learning curve)")
     get_head_class(config.head)
     get_backbone(config.backbone)
     if config.patch is not None:  # early, against the table; _prepare checks it against the plan

@@ -6,6 +6,7 @@ restatements, nnU-Net's own loss); the CE or BCE term stays each process's own. 
 ``AllGatherGrad`` convention, under which DDP's averaging of the processes' gradients gives the gradient of
 the concatenated batch's loss: (1/W)·∂L_r/∂basis_r is that gradient's slice r, and the mean of ∂L_r/∂E is ∂L/∂E.
 """
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -94,6 +95,7 @@ def _reference_batch_dice(logits, target, annotated):
     return (2 * (m * p * y).sum((0, 2)) / (m * (p + y)).sum((0, 2)).clamp_min(1e-7)).sum()
 
 
+@pytest.mark.slow
 def test_gathered_dice_equals_one_process_dice_over_the_concatenated_batch(tmp_path):
     ranks = _run_group(tmp_path)
     basis, operator, features, target, annotated = _inputs()

@@ -157,6 +157,7 @@ def test_results_file_is_checked_before_training_and_written_through_links(tmp_p
     (["--memory-limit", "-5GiB"], "memory size must be positive"),
     (["--classes", "100000"], "more than the label maps hold"),
     (["--classes", "many"], "--classes: cannot read 'many'"),
+    (["--eval-every", "0"], "--eval-every must be a positive number of steps, got 0"),
 ])
 def test_bad_settings_are_one_line(tmp_path, capsys, monkeypatch, arguments, message):
     from headzoo.cli import main

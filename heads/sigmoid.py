@@ -12,6 +12,10 @@ and the loss streams over chunks (per-class terms are independent, so each chunk
 one pass forward, one recomputing pass backward), never holding b×C×S. With ``ddp`` (set by the nnU-Net
 trainers under ``-num_gpus`` > 1) the batch Dice's sums are all-gathered over the process group with
 nnU-Net's ``AllGatherGrad``, as nnU-Net's ``ddp=True`` batch Dice does.
+
+``prior=π`` starts every class's logit bias at log(π / (1 − π)) instead of 0 (the prior initialisation of
+Lin et al., *Focal Loss for Dense Object Detection*, ICCV 2017, https://arxiv.org/abs/1708.02002): every
+sigmoid starts at π, not 0.5. Off by default (MultiTalent initialises as nnU-Net does).
 """
 from __future__ import annotations
 
@@ -58,7 +62,8 @@ class SigmoidHead(Head):
     variants = ({"rank": 4, "chunk": 3},)
 
     def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
-                 ignore_label: int | None = None, rank: int | None = None, chunk: int = 30, ddp: bool = False):
+                 ignore_label: int | None = None, rank: int | None = None, chunk: int = 30, ddp: bool = False,
+                 prior: float | None = None):
         """``batch_dice`` is unused: MultiTalent's Dice is always over the batch (eq. 2); ``ddp``: over the
         batches of every process in the group."""
         super().__init__(in_channels, num_classes, batch_dice, ignore_label)
@@ -69,11 +74,17 @@ class SigmoidHead(Head):
             raise HeadzooError(f"chunk must be positive, got {chunk}")
         if ddp and not in_process_group():
             raise HeadzooError("ddp must be false outside a torch.distributed process group, got True")
+        if prior is not None and not 0 < prior < 1:
+            raise HeadzooError(f"prior must be in (0, 1), got {prior}")
         self.rank, self.chunk, self.ddp = rank, chunk, ddp
         self.conv = nn.Conv3d(in_channels, rank or foreground, kernel_size=1)
         if rank is not None:
             self.operator = nn.Parameter(torch.randn(rank, foreground) / math.sqrt(rank))
             self.class_bias = nn.Parameter(torch.zeros(foreground))
+        if prior is not None:  # with rank=R the basis's own bias is zeroed so every class logit starts at the prior
+            nn.init.constant_(self.conv.bias, math.log(prior / (1 - prior)) if rank is None else 0.0)
+            if rank is not None:
+                nn.init.constant_(self.class_bias, math.log(prior / (1 - prior)))
 
     def forward(self, features: Tensor) -> Tensor:
         return self.conv(features)

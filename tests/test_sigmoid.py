@@ -75,3 +75,18 @@ def test_chunked_variant_equals_full_on_the_same_logits(chunk):
         best, index = probabilities.max(1)
         expected = torch.where(best > 0.5, index + 1, 0)
         torch.testing.assert_close(head.predict(basis), expected)
+
+
+@pytest.mark.parametrize("options", [{}, {"rank": 4, "chunk": 3}])
+def test_prior_starts_every_class_at_its_probability(options):
+    """prior=π: with zero features every foreground sigmoid is π (Lin et al.'s prior initialisation)."""
+    head = headzoo.create_head("sigmoid", 6, 9, prior=0.01, **options)
+    logits = head.logits(head(torch.zeros(1, 6, 2, 2, 2)), slice(1, 9))
+    assert torch.allclose(torch.sigmoid(logits.double()), torch.full_like(logits.double(), 0.01), atol=1e-7)
+    assert (head.predict(head(torch.zeros(1, 6, 2, 2, 2))) == 0).all()
+
+
+@pytest.mark.parametrize("prior", [0, 1, -0.5, 2])
+def test_prior_outside_the_unit_interval_is_refused(prior):
+    with pytest.raises(headzoo.HeadzooError, match=r"prior must be in \(0, 1\)"):
+        headzoo.create_head("sigmoid", 6, 9, prior=prior)

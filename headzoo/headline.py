@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from headzoo.curves import reach_cell, reach_targets
-from headzoo.protocol import ACCURACY_PROTOCOL, LR_GRID, TUNING, is_protocol_run, is_tuning_run, protocol_lr
+from headzoo.protocol import (ACCURACY_PROTOCOL, LARGE_C, LR_GRID, TUNING, is_large_c_run, is_protocol_run,
+                              is_tuning_run, protocol_lr)
 from headzoo.report import format_bytes, format_seconds
 from headzoo.results import DICE_DEFINITION
 
@@ -31,15 +32,36 @@ def seed_cell(rows: pd.DataFrame, column: str, formatter) -> str:
 
 
 def headline_section(frame: pd.DataFrame, records: list[dict]) -> list[str]:
-    """Markdown for the accuracy protocol's runs; [] where the results hold none."""
+    """Markdown for the accuracy protocol's runs and the C = 1000 group; [] where the results hold none."""
     # nnU-Net's Dice only: a mean over seeds never mixes it with the pooled Dice of older rows ("All runs" has those)
-    protocol = frame[[is_protocol_run(records[i]) and records[i].get("dice_definition") == DICE_DEFINITION
-                      for i in frame["row"]]]
+    nnunet_dice = [records[i].get("dice_definition") == DICE_DEFINITION for i in frame["row"]]
+    protocol = frame[[is_protocol_run(records[i]) and ok for i, ok in zip(frame["row"], nnunet_dice)]]
+    large = frame[[is_large_c_run(records[i]) and ok for i, ok in zip(frame["row"], nnunet_dice)]]
+    lines = _tables(protocol, "")
+    if not lines:
+        return []
+    settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ACCURACY_PROTOCOL.items())
+    lines = ["## Headline: the accuracy protocol", "",
+             f"Toy {settings}, backbone small, patch 32³, batch 2, each head at its own learning rate (below). "
+             "Dice is nnU-Net's (per test case and class, then the mean over classes); a cell over seeds is the "
+             "mean [min–max], and two heads differ only where their ranges do not overlap. Time to reach: "
+             "training seconds until the held-out Dice first reaches 90% of the best head's final Dice. "
+             "Rows from before schema 3 (pooled Dice) are left out here; they are under \"All runs\".",
+             "", *lines]
+    if not large.empty:
+        lines += [f"The C = 1000 group: toy preset {LARGE_C['preset']} (more, smaller objects: about 18 training "
+                  f"instances per class), {LARGE_C['steps']} steps, the same learning rates; its curves are under "
+                  "\"All runs\".", "", *_tables(large, f" · preset {LARGE_C['preset']}, {LARGE_C['steps']} steps")]
+    return lines + tuning_section(frame, records)
+
+
+def _tables(runs: pd.DataFrame, suffix: str) -> list[str]:
+    """One table per (device, C): heads with Dice, worst 10%, pooled Dice, peak memory, step time, time to reach."""
     lines = []
-    for (device, classes), group in sorted(protocol.groupby(["device_name", "classes"]), key=lambda item: item[0]):
+    for (device, classes), group in sorted(runs.groupby(["device_name", "classes"]), key=lambda item: item[0]):
         targets, unlearnt = reach_targets(group, [classes])
         target = targets.get(classes)
-        lines += [f"### C = {classes} · {device}", "",
+        lines += [f"### C = {classes} · {device}{suffix}", "",
                   "| head | lr | seeds | Dice ↑ | worst 10% ↑ | pooled Dice | peak memory ↓ | step time ↓ | "
                   + (f"time to Dice {target:.3f} ↓ |" if target else "time to reach ↓ |"),
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -51,16 +73,7 @@ def headline_section(frame: pd.DataFrame, records: list[dict]) -> list[str]:
                 seed_cell(rows, "dice_pooled_mean", _dice), seed_cell(rows, "peak_memory_bytes", format_bytes),
                 seed_cell(rows, "step_time_median_s", format_seconds), reach]) + " |")
         lines.append("")
-    if not lines:
-        return []
-    settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ACCURACY_PROTOCOL.items())
-    return ["## Headline: the accuracy protocol", "",
-            f"Toy {settings}, backbone small, patch 32³, batch 2, each head at its own learning rate (below). "
-            "Dice is nnU-Net's (per test case and class, then the mean over classes); a cell over seeds is the "
-            "mean [min–max], and two heads differ only where their ranges do not overlap. Time to reach: "
-            "training seconds until the held-out Dice first reaches 90% of the best head's final Dice. "
-            "Rows from before schema 3 (pooled Dice) are left out here; they are under \"All runs\".",
-            "", *lines, *tuning_section(frame, records)]
+    return lines
 
 
 def tuning_section(frame: pd.DataFrame, records: list[dict]) -> list[str]:

@@ -20,6 +20,11 @@ DEFAULT_LR = 0.05  # a head without a grid of its own (a plug-in): the rate most
 PROTOCOL_LR = {"dense": 0.05, "chunked": 0.02, "knn": 0.05, "sigmoid": 0.05, "sigmoid rank=32": 0.02}
 
 
+#: Dice at C = 1000 within a CPU budget: the protocol with more, smaller objects (~18 training instances per class),
+#: the same per-head learning rates, 500 steps (curves at any interval)
+LARGE_C = {"preset": "protocol1000", "classes": 1000, "steps": 500}
+
+
 def protocol_lr(head: str, options: dict | None = None) -> float:
     return PROTOCOL_LR.get(head_label(head, options), DEFAULT_LR)
 
@@ -35,6 +40,13 @@ def is_protocol_run(record: dict) -> bool:
     others = ("backbone", "batch", "partial", "memory_limit_bytes", "warmup", "grad_clip", "amp", "dataset_folder")
     return (all(getattr(config, k) == v for k, v in protocol_settings(config.head, config.options).items())
             and all(getattr(config, k) == getattr(default, k) for k in others))
+
+
+def is_large_c_run(record: dict) -> bool:
+    """A run of the C = 1000 group: LARGE_C's settings, everything else as a protocol run (its head's rate)."""
+    config = from_record(record)
+    return (all(getattr(config, k) == v for k, v in LARGE_C.items())
+            and is_protocol_run({**record, **ACCURACY_PROTOCOL}))
 
 
 def is_tuning_run(record: dict) -> bool:

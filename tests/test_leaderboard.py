@@ -75,7 +75,7 @@ def test_seeds_are_aggregated_and_curves_give_time_to_reach(tmp_path):
 
 
 def test_the_headline_shows_the_protocol_first_with_each_heads_learning_rate_budget(tmp_path):
-    from headzoo.protocol import ACCURACY_PROTOCOL, LR_GRID, protocol_lr
+    from headzoo.protocol import ACCURACY_PROTOCOL, LARGE_C, LR_GRID, protocol_lr
 
     def protocol_run(head, lr, dice, seed=0, **extra):
         return {**_record(head, 100, dice=dice, memory=2**20, time=0.1), **ACCURACY_PROTOCOL, "lr": lr, "seed": seed,
@@ -85,6 +85,10 @@ def test_the_headline_shows_the_protocol_first_with_each_heads_learning_rate_bud
     records += [protocol_run("dense", best, 0.7, seed=1),
                 {**protocol_run("dense", best, 0.8, seed=2), "dice_definition": "pooled", "schema_version": 2}]
     records += [{**_record("dense", 10, dice=0.3), "steps": 60}]  # not the protocol: under "All runs" only
+    large = {**LARGE_C, "eval_every": 250}
+    records += [{**protocol_run("chunked", protocol_lr("chunked"), dice, seed=seed), **large, "classes": 1000}
+                for seed, dice in ((0, 0.2), (1, 0.4))]
+    records += [{**protocol_run("dense", 0.01, 0.9), **large, "classes": 1000}]  # not its rate: "All runs" only
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     readme = render(results, tmp_path / "board").read_text()
@@ -93,5 +97,8 @@ def test_the_headline_shows_the_protocol_first_with_each_heads_learning_rate_bud
     assert f"| dense | {best:g} | 2 | 0.800 [0.700–0.900] |" in headline  # the old Dice's row: not in the mean
     assert "0.800 [0.700–0.900]†" in all_runs
     assert "C = 10 ·" not in headline and "### cpu (test) · " in all_runs
+    c1000 = headline[headline.index("### C = 1000 · cpu (test) · preset protocol1000, 500 steps"):
+                     headline.index("### Learning-rate budget")]
+    assert f"| chunked | {protocol_lr('chunked'):g} | 2 | 0.300 [0.200–0.400] |" in c1000 and "| dense |" not in c1000
     cells = ["**0.900**" if lr == best else "0.500" for lr in LR_GRID]
     assert "| dense | " + " | ".join(cells) + " |" in headline

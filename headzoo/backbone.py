@@ -1,6 +1,6 @@
 """The shared backbones, each an architecture in nnU-Net's plans format (class name + kwargs, as
 nnU-Net ≥ 2.4 stores them): dynamic_network_architectures' ResidualEncoderUNet and STU-Net
-(``headzoo.stunet.STUNet``). ``headzoo.pipeline`` writes them into the frozen plan; the network is
+(``headzoo.stunet.STUNet``). ``headzoo.plan`` writes them into the frozen plan; the network is
 built from the plan by nnU-Net's own ``get_network_from_plans``, with its final 1×1×1 segmentation
 conv replaced by the head. Deep supervision is off: heads see only the full-resolution decoder output.
 """
@@ -146,5 +146,5 @@ def build_network(architecture: dict, in_channels: int, seed: int) -> tuple[nn.M
 
 
 def build_backbone(name: str, in_channels: int, seed: int) -> tuple[nn.Module, int]:
-    """The table's backbone `name` (runs build theirs from the frozen plan: pipeline.build_backbone_from_plan)."""
+    """The table's backbone `name` (runs build theirs from the frozen plan: dataset.build_backbone_from_plan)."""
     return build_network(get_backbone(name)[0], in_channels, seed)

@@ -93,8 +93,7 @@ def validate_head_options(config) -> None:
     from headzoo.config import TOY_CLASSES
     classes = config.classes
     if classes is None and config.dataset_folder is not None:
-        from headzoo.pipeline import validate_raw_dataset
-        from headzoo.validation import check_dataset_labels
+        from headzoo.validation import check_dataset_labels, validate_raw_dataset
         classes = check_dataset_labels(config.dataset_folder, validate_raw_dataset(Path(config.dataset_folder)))
     features = get_backbone(config.backbone)[0]["arch_kwargs"]["features_per_stage"][0]  # the last decoder stage's
     with torch.device("meta"):

@@ -20,8 +20,9 @@ from headzoo.errors import HeadzooError
 from headzoo.head import PLAN_OPTIONS
 from headzoo.measure import configure_cuda_timing, is_out_of_memory
 from headzoo.paths import require_cache
-from headzoo.pipeline import PreparedDataset, build_backbone_from_plan, configuration_name, \
-    folder_fingerprint, prepare_folder, prepare_toy
+from headzoo.dataset import HeldOutSet, PreparedDataset, build_backbone_from_plan, configuration_name
+from headzoo.loaders import training_batches
+from headzoo.plan import folder_fingerprint, prepare_folder, prepare_toy
 from headzoo.registry import create_head, get_head_class, validate_head_options
 from headzoo.results import SCHEMA_VERSION
 from headzoo.training import train_and_evaluate
@@ -156,7 +157,8 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
                            "case); use a head that can, e.g. 'sigmoid', or drop --partial")
     network = SegmentationNetwork(backbone, head).to(device)
     try:
-        record.update(train_and_evaluate(config, prepared, network, device, show_progress))
+        batches = training_batches(prepared, config.patch, config.batch, config.seed)
+        record.update(train_and_evaluate(config, network, device, batches, HeldOutSet.of(prepared), show_progress))
     except HeadzooError:
         raise  # bad input found late (e.g. labels outside [0, C)): no record
     except Exception as error:

@@ -1,11 +1,13 @@
 """The training loop of one run: nnU-Net's train step (autocast on CUDA, gradient clipping), ScheduleFree
 AdamW with the chunked-basis paper's settings, one memory-measured and many timed steps, and held-out
 Dice at the averaged weights every `eval_every` steps (a learning curve), outside the timed steps and
-outside the training time."""
+outside the training time. The batches and the held-out cases are given (``loaders.training_batches``,
+``dataset.HeldOutSet.of`` for a run): the loop itself reads no dataset."""
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ from headzoo.errors import ContractViolation
 from headzoo.inference import DiceCounter, segment
 from headzoo.measure import GradientReceivers, is_out_of_memory, measure_peak_memory, optimizer_state_complete, \
     summarize_times, timed
-from headzoo.pipeline import DATA_CONFIGURATION, PreparedDataset, count_test_cases, test_cases, training_loader
+from headzoo.dataset import HeldOutSet
 from headzoo.progress import progress_bar
 from headzoo.results import DICE_DEFINITION
 
@@ -115,25 +117,26 @@ def averaged_weights(network: SegmentationNetwork, optimizer):
         network.train()
 
 
-def evaluate(config: RunConfig, prepared: PreparedDataset, network: SegmentationNetwork, optimizer,
+def evaluate(config: RunConfig, network: SegmentationNetwork, optimizer, held_out: HeldOutSet,
              show_progress: bool, label: str) -> DiceCounter:
     """Held-out Dice, as nnU-Net evaluates, of sliding-window predictions at the schedule-free averaged weights,
     exported to each case's original geometry and compared with its raw reference label file."""
-    counter = DiceCounter(config.classes, prepared.label_manager.ignore_label)
-    configuration = prepared.plans_manager.get_configuration(DATA_CONFIGURATION)
+    counter = DiceCounter(config.classes, held_out.ignore_label)
     with averaged_weights(network, optimizer), torch.no_grad(), progress_bar() as bar:
-        task = bar.add_task(label, total=count_test_cases(prepared), visible=show_progress)
-        for case in test_cases(prepared):
+        task = bar.add_task(label, total=len(held_out.cases), visible=show_progress)
+        for case in held_out.cases:
             prediction = segment(network, network.head, case.image, config.patch, case.properties,
-                                 prepared.plans_manager, configuration, prepared.dataset_json)
+                                 held_out.plans_manager, held_out.configuration, held_out.dataset_json)
             counter.update(prediction, case.reference, case.key, config.head)
             bar.advance(task)
     return counter
 
 
-def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: SegmentationNetwork,
-                       device: torch.device, show_progress: bool) -> dict:
-    loader = training_loader(prepared, config.patch, config.batch, config.seed)
+def train_and_evaluate(config: RunConfig, network: SegmentationNetwork, device: torch.device,
+                       batches: Iterator[dict], held_out: HeldOutSet, show_progress: bool) -> dict:
+    """Train `network` for config.steps batches from `batches` (``data``, ``target``, ``annotated``: a (b, C)
+    mask of the classes each case annotates, or None), measure one step's memory and time the others, and
+    evaluate on `held_out` (every config.eval_every steps and at the end): the record's measured fields."""
     optimizer = build_optimizer(network, config.steps, config.lr)
     network.train()
     optimizer.train()
@@ -148,8 +151,7 @@ def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: Se
         task = bar.add_task(f"train {config.head} C={config.classes}", total=config.steps, visible=show_progress)
         for index in range(config.steps):
             fetched = time.perf_counter()
-            batch = next(loader)  # data side, outside the measured step: the annotated-class mask too
-            batch["annotated"] = prepared.annotated_mask(batch["keys"]) if prepared.partial else None
+            batch = next(batches)  # data side, outside the measured step: the annotated-class mask too
             data_time += time.perf_counter() - fetched
             if peak is None and index >= config.warmup and (optimizer_state_complete(optimizer, receivers.received)
                                                               or index == memory_deadline):
@@ -168,7 +170,7 @@ def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: Se
                     and evaluation_oom is None:
                 evaluated = time.perf_counter()
                 trained = evaluated - started - eval_time
-                counter, evaluation_oom = _evaluate_unless_oom(config, prepared, network, optimizer, False, "")
+                counter, evaluation_oom = _evaluate_unless_oom(config, network, optimizer, held_out, False, "")
                 eval_time += time.perf_counter() - evaluated
                 if evaluation_oom is None:
                     curve.append(_curve_point(index + 1, trained, counter))
@@ -176,7 +178,7 @@ def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: Se
 
     evaluated = time.perf_counter()
     if evaluation_oom is None:
-        counter, evaluation_oom = _evaluate_unless_oom(config, prepared, network, optimizer, show_progress,
+        counter, evaluation_oom = _evaluate_unless_oom(config, network, optimizer, held_out, show_progress,
                                                        "sliding-window evaluation")
     if config.eval_every and evaluation_oom is None:
         curve.append(_curve_point(config.steps, train_time, counter))
@@ -199,12 +201,12 @@ def train_and_evaluate(config: RunConfig, prepared: PreparedDataset, network: Se
     }
 
 
-def _evaluate_unless_oom(config: RunConfig, prepared: PreparedDataset, network: SegmentationNetwork, optimizer,
+def _evaluate_unless_oom(config: RunConfig, network: SegmentationNetwork, optimizer, held_out: HeldOutSet,
                          show_progress: bool, label: str) -> tuple[DiceCounter | None, BaseException | None]:
     """`evaluate`, or the out-of-memory error it raised (sliding windows over C channels can need more than a
     training step: dense at C = 1000, 192³ holds a C × volume fp32 buffer)."""
     try:
-        return evaluate(config, prepared, network, optimizer, show_progress, label), None
+        return evaluate(config, network, optimizer, held_out, show_progress, label), None
     except Exception as error:
         if not is_out_of_memory(error):
             raise

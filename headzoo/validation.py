@@ -1,7 +1,8 @@
 """Checks of image data before nnU-Net reads it for training or prediction, each problem one line naming the
 dataset, case or file.
 
-A raw ``--dataset`` folder: its labels (one label per voxel, never regions; nnU-Net's consecutive 0, 1, 2, …
+A raw ``--dataset`` folder: its layout (a readable dataset.json with nnU-Net's keys, matching images and labels
+for training and test cases), its labels (one label per voxel, never regions; nnU-Net's consecutive 0, 1, 2, …
 with the ignore label last), 3D images (nnU-Net plans no 3d_fullres configuration for 2D data), then every
 training **and** test case: a gzip CRC pass that catches truncated ``.nii.gz`` files (which SimpleITK may
 otherwise read as half zeros) and nnU-Net's own case checks (``verify_labels``, ``check_cases``: declared
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import json
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +106,27 @@ def _refuse_2d(where: str, shape: tuple[int, ...], what: str) -> None:
     """nnU-Net's readers give a 2D image the shape (c, 1, x, y), a dummy first axis of one slice."""
     if shape[1] == 1:
         raise HeadzooError(f"{where}: a 2D image (one slice, {'x'.join(map(str, shape[2:]))}): {what}")
+
+
+def validate_raw_dataset(folder: Path) -> dict:
+    """The dataset.json of an nnU-Net raw dataset folder, or a one-line error saying what is wrong."""
+    if not folder.is_dir():
+        raise HeadzooError(f"dataset folder {folder} does not exist")
+    try:
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+    except (OSError, ValueError) as error:
+        raise HeadzooError(f"{folder} is not an nnU-Net raw dataset: dataset.json unreadable ({error})") from error
+    missing = [k for k in ("labels", "channel_names", "file_ending", "numTraining") if k not in dataset_json]
+    if missing:
+        raise HeadzooError(f"{folder}/dataset.json lacks {', '.join(missing)}: not an nnU-Net raw dataset")
+    ending = dataset_json["file_ending"]
+    for split in ("Tr", "Ts"):
+        images = sorted((folder / f"images{split}").glob(f"*_0000{ending}"))
+        labels = sorted((folder / f"labels{split}").glob(f"*{ending}"))
+        if not images or len(images) != len(labels):
+            raise HeadzooError(f"{folder}: images{split}/ and labels{split}/ must hold matching cases "
+                               f"({len(images)} images, {len(labels)} labels)")
+    return dataset_json
 
 
 def verify_raw_dataset(folder: Path, dataset_json: dict) -> None:

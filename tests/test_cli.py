@@ -102,7 +102,7 @@ def test_toy_command_writes_a_dataset_that_run_accepts(tmp_path):
     result = headzoo(*RUN, "--head", "dense", "--dataset", str(folder), "--classes", "4",
                      "--out", str(tmp_path / "r.jsonl"), "--json")
     assert result.returncode == 0, result.stderr
-    from headzoo.pipeline import folder_fingerprint
+    from headzoo.plan import folder_fingerprint
     record = json.loads(result.stdout)
     assert record["classes"] == 4 and record["dataset_fingerprint"] == folder_fingerprint(folder)
 

@@ -121,7 +121,8 @@ def test_held_out_dice_on_a_zero_bordered_dataset_equals_nnunets(tmp_path):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from headzoo.backbone import SegmentationNetwork
     from headzoo.inference import segment
-    from headzoo.pipeline import DATA_CONFIGURATION, build_backbone_from_plan, prepare_folder, test_cases
+    from headzoo.dataset import DATA_CONFIGURATION, build_backbone_from_plan, test_cases
+    from headzoo.plan import prepare_folder
     from headzoo.registry import create_head
     from headzoo.toy import write_toy_dataset
     folder = write_toy_dataset(tmp_path / "Dataset", 4, "tiny", 0)

@@ -78,13 +78,11 @@ def test_state_is_complete_for_the_parameters_that_receive_gradients():
     assert receivers.received == set(model["used"].parameters())  # closed: no hook left
 
 
-class _Loader:
-    def __init__(self):
-        self.generator = torch.Generator().manual_seed(0)
-
-    def __next__(self):
-        return {"data": torch.randn(2, 1, 4, 4, 4, generator=self.generator),
-                "target": torch.randint(0, 5, (2, 1, 4, 4, 4), generator=self.generator), "keys": ["a", "b"]}
+def _batches():
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        yield {"data": torch.randn(2, 1, 4, 4, 4, generator=generator),
+               "target": torch.randint(0, 5, (2, 1, 4, 4, 4), generator=generator), "annotated": None}
 
 
 COUNTER = SimpleNamespace(mean_foreground=lambda: 0.5, worst_mean=lambda fraction: 0.25, pooled_mean=lambda: 0.75,
@@ -103,13 +101,12 @@ def _train(monkeypatch, skipped_steps=0, evaluate=lambda *args: COUNTER, steps=8
         return optimizer
 
     monkeypatch.setattr(training, "build_optimizer", build_with_skips)
-    monkeypatch.setattr(training, "training_loader", lambda *args: _Loader())
     monkeypatch.setattr(training, "evaluate", evaluate)
     torch.manual_seed(0)
     network = SegmentationNetwork(nn.Conv3d(1, 4, 1), headzoo.create_head("chunked", 4, 5, rank=2))
     network.unused = nn.Linear(2, 2)  # as nnU-Net's lower seg layers in a run: no gradient, no optimizer state
     config = RunConfig(head="chunked", classes=5, patch=(4, 4, 4), steps=steps, warmup=1, eval_every=eval_every)
-    return training.train_and_evaluate(config, SimpleNamespace(partial=False), network, torch.device("cpu"), False)
+    return training.train_and_evaluate(config, network, torch.device("cpu"), _batches(), None, False)
 
 
 def test_memory_step_waits_until_every_parameter_has_optimizer_state(monkeypatch):

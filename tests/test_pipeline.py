@@ -6,8 +6,9 @@ import torch
 import headzoo
 from headzoo.backbone import BACKBONES, SegmentationNetwork, build_backbone, check_patch
 from headzoo.errors import HeadzooError
-from headzoo.pipeline import (DATA_CONFIGURATION, _reads_intensity_statistics, build_backbone_from_plan,
-                              configuration_name, prepare_toy, training_loader)
+from headzoo.dataset import DATA_CONFIGURATION, build_backbone_from_plan, configuration_name
+from headzoo.loaders import training_batches, training_loader
+from headzoo.plan import _reads_intensity_statistics, prepare_toy
 
 
 @pytest.mark.slow
@@ -35,6 +36,8 @@ def test_loader_is_deterministic_and_yields_nnunet_batches():
     assert first["data"].shape == (2, 1, 16, 16, 16) and first["target"].shape == (2, 1, 16, 16, 16)
     torch.testing.assert_close(first["data"], second["data"])
     torch.testing.assert_close(first["target"], second["target"])
+    batch = next(training_batches(prepared, (16, 16, 16), 2, seed=4))  # the same loader, the same seeding
+    assert batch["annotated"] is None and torch.equal(batch["data"], first["data"])
 
 
 def test_same_seed_same_backbone_whatever_the_head():
@@ -54,8 +57,8 @@ def test_partial_labels_travel_from_loader_to_mask_with_multitalent_sampling():
     sizes = {s: list(info["case_sources"].values()).count(s) for s in (0, 1)}
     for key, p in zip(prepared.train_identifiers(), probabilities):
         assert abs(p * sum(n ** 0.5 for n in sizes.values()) - sizes[info["case_sources"][key]] ** -0.5) < 1e-12
-    batch = next(training_loader(prepared, (16, 16, 16), 2, seed=0))
-    mask = prepared.annotated_mask(batch["keys"])
+    batch = next(training_batches(prepared, (16, 16, 16), 2, seed=0))
+    mask = batch["annotated"]
     for row, key in enumerate(batch["keys"]):
         present = set(batch["target"][row].unique().tolist()) - {0}
         assert all(mask[row, c] for c in present) and mask[row, 0]

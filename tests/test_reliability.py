@@ -40,7 +40,7 @@ def _copy(folder, tmp_path):
 
 
 def test_dataset_fingerprint_changes_when_a_file_changes(toy_folder, tmp_path):
-    from headzoo.pipeline import folder_fingerprint
+    from headzoo.plan import folder_fingerprint
     copy = _copy(toy_folder, tmp_path)
     before = folder_fingerprint(copy)
     assert folder_fingerprint(copy) == before

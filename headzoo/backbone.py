@@ -130,19 +130,22 @@ def segmentation_layers(network: nn.Module) -> nn.ModuleList:
                        "headzoo cannot attach a head to it")
 
 
-def build_network(architecture: dict, in_channels: int, seed: int) -> tuple[nn.Module, int]:
-    """A plan's architecture built by nnU-Net's get_network_from_plans, its full-resolution seg conv
-    replaced by an identity: (backbone, feature count); the same seed gives the same weights."""
+def build_network(architecture: dict, in_channels: int, seed: int | None = None) -> tuple[nn.Module, int]:
+    """A plan's architecture built by nnU-Net's get_network_from_plans with deep supervision off, its
+    full-resolution seg conv (the head's place) an identity: (network, feature count). The same `seed` gives
+    the same weights (None: torch's global generator, as nnU-Net's trainer builds it). The lower-resolution
+    seg convs stay: no loss reaches them, but a run's peak memory has always counted their bytes."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        backbone = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                          architecture["_kw_requires_import"], in_channels, 1,
-                                          allow_init=True, deep_supervision=False)
-    layers = segmentation_layers(backbone)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                         architecture["_kw_requires_import"], in_channels, 1,
+                                         allow_init=True, deep_supervision=False)
+    layers = segmentation_layers(network)
     features = layers[-1].in_channels
     layers[-1] = nn.Identity()
-    return backbone, features
+    return network, features
 
 
 def build_backbone(name: str, in_channels: int, seed: int) -> tuple[nn.Module, int]:

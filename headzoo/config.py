@@ -35,6 +35,11 @@ def parse_option(text: str, flag: str = "--option") -> tuple[str, object]:
         return key.strip(), {"True": True, "False": False, "None": None}.get(value, value)
 
 
+def parse_options(text: str, flag: str) -> dict:
+    """'rank=16, chunk=10' → {'rank': 16, 'chunk': 10}: comma-separated items, each read by parse_option."""
+    return dict(parse_option(item.strip(), flag) for item in text.split(",") if item.strip())
+
+
 def parse_positive_number(text: str, flag: str) -> float:
     """A finite number above 0: '--lr inf', 'nan' or '-1' is refused, never recorded (as null) or run."""
     try:

@@ -32,6 +32,20 @@ def sliding_window_output(network: nn.Module, image: torch.Tensor, patch: tuple[
     return total / weight
 
 
+def class_counts(prediction: torch.Tensor, target: torch.Tensor, num_classes: int,
+                 ignore_label: int | None = None) -> np.ndarray:
+    """(3, C) per-class true positives, false positives and false negatives of two label maps (bincounts, on
+    the maps' device, never a C-channel one-hot); voxels whose target is `ignore_label` left out."""
+    if ignore_label is not None:
+        keep = target != ignore_label
+        prediction, target = prediction[keep], target[keep]
+    prediction, target = prediction.reshape(-1), target.reshape(-1)
+    true_positive = torch.bincount(target[prediction == target], minlength=num_classes)[:num_classes]
+    predicted = torch.bincount(prediction, minlength=num_classes)[:num_classes]
+    reference = torch.bincount(target, minlength=num_classes)[:num_classes]
+    return torch.stack([true_positive, predicted - true_positive, reference - true_positive]).cpu().numpy()
+
+
 class DiceCounter:
     """Dice as nnU-Net's evaluation (``nnunetv2.evaluation.evaluate_predictions``) computes it, from per-case,
     per-class counts (bincounts of prediction and reference, never a C-channel one-hot).
@@ -65,9 +79,8 @@ class DiceCounter:
         if prediction.size and (prediction.min() < 0 or prediction.max() >= c):
             bad = prediction.min() if prediction.min() < 0 else prediction.max()
             raise ContractViolation(f"{head} head predicted label {bad}, outside [0, {c})")
-        true_positive = np.bincount(truth[prediction == truth], minlength=c)
-        self._counts.append(np.stack([true_positive, np.bincount(prediction, minlength=c) - true_positive,
-                                      np.bincount(truth, minlength=c) - true_positive]))
+        self._counts.append(class_counts(torch.from_numpy(prediction.astype(np.int64, copy=False)),
+                                         torch.from_numpy(truth.astype(np.int64, copy=False)), c))
         self.cases.append(case)
 
     @staticmethod

@@ -15,10 +15,11 @@ import torch
 import headzoo
 from headzoo.backbone import SegmentationNetwork, check_patch, get_backbone
 from headzoo.config import TOY_CLASSES, RunConfig, new_run_id, to_record
+from headzoo.device import resolve_device
 from headzoo.environment import describe
 from headzoo.errors import HeadzooError
-from headzoo.head import PLAN_OPTIONS
 from headzoo.measure import configure_cuda_timing, is_out_of_memory
+from headzoo.nnunet.network import head_options
 from headzoo.paths import require_cache
 from headzoo.dataset import HeldOutSet, PreparedDataset, build_backbone_from_plan, configuration_name
 from headzoo.loaders import training_batches
@@ -28,16 +29,6 @@ from headzoo.results import SCHEMA_VERSION
 from headzoo.training import train_and_evaluate
 
 MAX_CLASSES = 2**15  # nnU-Net's preprocessor stores label maps as int16: labels 0..32767
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise HeadzooError(f"unknown device '{name}' (choose auto, cpu or cuda)")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HeadzooError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def device_name(device: torch.device) -> str:
@@ -120,13 +111,6 @@ def dataset_fingerprint(config: RunConfig) -> str | None:
     return None if config.dataset_folder is None else folder_fingerprint(config.dataset_folder)
 
 
-def head_options(config: RunConfig, prepared: PreparedDataset) -> dict:
-    """The user's options over the plan's loss options (head contract: every head takes PLAN_OPTIONS)."""
-    plan = {"batch_dice": prepared.configuration(config.backbone).batch_dice,
-            "ignore_label": prepared.label_manager.ignore_label}
-    return {**{k: plan[k] for k in PLAN_OPTIONS}, **config.options}
-
-
 def environment(device: torch.device) -> dict:
     return {"device_name": device_name(device), "torch": torch.__version__, "headzoo": headzoo.__version__,
             "git_sha": git_sha(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -143,7 +127,7 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
     timing = configure_cuda_timing(device)  # nnU-Net's cuDNN settings, before anything runs on the device
     config = dataclasses.replace(config, run_id=config.run_id or new_run_id())
     prepared = prepare(config)  # resolves the copy's classes and patch
-    options = head_options(config, prepared)
+    options = head_options(config.options, prepared.configuration(config.backbone), prepared.label_manager)
     record = {"schema_version": SCHEMA_VERSION, **to_record(config), "request": request, "dataset": prepared.name,
               "plan": str(prepared.plans_file), "configuration": configuration_name(config.backbone),
               "dataset_fingerprint": prepared.fingerprint, "options_resolved": options,

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 import headzoo
-from headzoo.inference import DiceCounter, sliding_window_output
+from headzoo.inference import DiceCounter, class_counts, sliding_window_output
 
 
 def test_sliding_window_average_of_a_pointwise_network_is_its_whole_volume_output():
@@ -51,3 +51,22 @@ def test_pooled_dice_from_counts_equals_per_class_formula_over_all_voxels():
     per_case = [[2 * ((p == c) & (t == c)).sum() / ((p == c).sum() + (t == c).sum()) for c in (1, 2, 3, 5)]
                 for p, t in ((prediction[:5], truth[:5]), (prediction[5:], truth[5:]))]
     np.testing.assert_allclose(counter.per_class()[[1, 2, 3, 5]], np.mean(per_case, axis=0))
+
+
+def test_class_counts_match_nnunet_one_hot_counts():
+    """The counts of a run's Dice and of the trainers' validation pseudo Dice, against nnU-Net's get_tp_fp_fn_tn on
+    one-hot maps (ignore label masked)."""
+    from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+    generator = torch.Generator().manual_seed(0)
+    prediction = torch.randint(0, 6, (2, 5, 6, 7), generator=generator)
+    target = torch.randint(0, 7, (2, 5, 6, 7), generator=generator)  # 6 is the ignore label
+    mask = (target != 6).float()[:, None]
+
+    def one_hot(x):
+        return torch.nn.functional.one_hot(x.clamp(max=5), 6).movedim(-1, 1).float()
+    tp, fp, fn, _ = get_tp_fp_fn_tn(one_hot(prediction), target[:, None].clamp(max=5), axes=[0, 2, 3, 4], mask=mask)
+    reference = torch.stack([tp, fp, fn]).numpy().astype(np.int64)
+    np.testing.assert_array_equal(class_counts(prediction, target, 6, ignore_label=6), reference)
+    counter = DiceCounter(6, ignore_label=6)  # a run's counter: numpy maps of any integer type
+    counter.update(prediction.numpy().astype(np.uint8), target.numpy().astype(np.int16))
+    np.testing.assert_array_equal(counter._counts[0], reference)

@@ -10,9 +10,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from headzoo.config import parse_options
+from headzoo.errors import HeadzooError
 from headzoo.nnunet.train import EXT_TRAINER_FOLDER
 from headzoo.registry import create_head, list_heads
-from headzoo.nnunet.trainer import class_counts, parse_head_options
+from headzoo.nnunet.trainer import options_from_environment
 from headzoo.toy import write_toy_dataset
 
 DATASET_ID, CLASSES = 987, 5
@@ -30,26 +32,38 @@ def test_nnunet_discovery_finds_every_head_trainer_in_the_ext_folder():
     assert recursive_find_python_class(folder, "nnUNetTrainer_nohead", None, base_folder=folder) is None
 
 
-def test_head_options_parse_as_json_values():
-    assert parse_head_options("rank=16, chunk=10,backend=faiss,flag=true") == \
-        {"rank": 16, "chunk": 10, "backend": "faiss", "flag": True}
-    assert parse_head_options("") == {}
+def test_head_options_from_the_environment_parse_as_json_values(monkeypatch):
+    monkeypatch.setenv("HEADZOO_HEAD_OPTIONS", "rank=16, chunk=10,backend=faiss,flag=true")
+    assert options_from_environment() == {"rank": 16, "chunk": 10, "backend": "faiss", "flag": True}
+    monkeypatch.setenv("HEADZOO_HEAD_OPTIONS", "rank=16,chunk")
+    with pytest.raises(HeadzooError, match="^HEADZOO_HEAD_OPTIONS expects KEY=VALUE, got 'chunk'$"):
+        options_from_environment()
+    monkeypatch.delenv("HEADZOO_HEAD_OPTIONS")
+    assert options_from_environment() == {}
 
 
-def test_class_counts_match_nnunet_one_hot_counts():
-    """The validation pseudo Dice counts, against nnU-Net's get_tp_fp_fn_tn on one-hot maps (ignore label masked)."""
-    from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
-    generator = torch.Generator().manual_seed(0)
-    prediction = torch.randint(0, 6, (2, 5, 6, 7), generator=generator)
-    target = torch.randint(0, 7, (2, 5, 6, 7), generator=generator)  # 6 is the ignore label
-    mask = (target != 6).float()[:, None]
+def test_the_trainers_network_is_the_runs_with_the_head_in_the_seg_layer():
+    """Both come from backbone.build_network: with a run's weights the trainer's network gives the run's output to the
+    bit, and lacks only the lower-resolution seg convs no loss reaches (DDP would wait for their gradients)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-    def one_hot(x):
-        return torch.nn.functional.one_hot(x.clamp(max=5), 6).movedim(-1, 1).float()
-    tp, fp, fn, _ = get_tp_fp_fn_tn(one_hot(prediction), target[:, None].clamp(max=5), axes=[0, 2, 3, 4], mask=mask)
-    ours = class_counts(prediction, target, 6, ignore_label=6)
-    for mine, reference in zip(ours, (tp, fp, fn)):
-        np.testing.assert_array_equal(mine, reference.numpy().astype(np.int64))
+    from headzoo.backbone import SegmentationNetwork, build_network, get_backbone
+    from headzoo.nnunet.network import build_head_network, head_of
+    architecture = get_backbone("small")[0]
+    backbone, features = build_network(architecture, 1, seed=0)
+    run = SegmentationNetwork(backbone, create_head("chunked", features, CLASSES, rank=3)).eval()
+    trainer = build_head_network(ConfigurationManager({"architecture": architecture}), 1, CLASSES, "chunked",
+                                 {"rank": 3}).eval()
+    last = len(architecture["arch_kwargs"]["features_per_stage"]) - 2  # one seg layer per decoder stage
+    weights = {f"decoder.seg_layers.{last}.{k}": v for k, v in run.head.state_dict().items()}
+    weights.update({k: v for k, v in backbone.state_dict().items() if not k.startswith("decoder.seg_layers.")})
+    assert trainer.load_state_dict(weights, strict=True)
+    lower = {k for k in backbone.state_dict() if k.startswith("decoder.seg_layers.")}
+    assert len(lower) == 2 * last  # weight and bias of each lower-resolution seg conv, absent from the trainer's
+    assert isinstance(head_of(trainer), type(run.head)) and features == 16
+    image = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trainer(image), run(image))
 
 
 @pytest.mark.parametrize("head_name", list_heads())
@@ -122,7 +136,7 @@ def test_train_validate_and_predict_through_nnunet(nnunet, tmp_path, head, optio
     trainer = trained(nnunet, head, options)
     fold = nnunet["results"] / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
     checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    expected = parse_head_options(options)
+    expected = parse_options(options, "HEADZOO_HEAD_OPTIONS")
     assert checkpoint["init_args"]["headzoo"]["head"] == head
     assert expected.items() <= checkpoint["init_args"]["headzoo"]["options"].items()
     # nnU-Net's validation at the end of training went through the head: label files and a summary

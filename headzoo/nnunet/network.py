@@ -1,36 +1,35 @@
-"""The network of an nnU-Net plan with its final 1×1×1 segmentation conv replaced by a head.
+"""A head on an nnU-Net plan's network, for nnU-Net's own trainer and predictor, and the one merge of the
+plan's loss settings with the user's head options (``headzoo run`` and the trainers).
 
-Deep supervision is off: a head replaces only the full-resolution segmentation layer, so the
-lower-resolution segmentation layers are removed (no unused parameters under DDP).
+The network is ``backbone.build_network``'s, the one `headzoo run` trains too, with the head in the
+full-resolution seg conv's place, so checkpoints and pretrained weights keep nnU-Net's module names. Deep
+supervision is off; unlike a run's, the lower-resolution seg convs are removed: nnU-Net wraps the network in
+DDP, which fails on parameters no loss reaches.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from headzoo.backbone import segmentation_layers
+from headzoo.backbone import build_network, segmentation_layers
 from headzoo.head import PLAN_OPTIONS, Head
 from headzoo.registry import create_head
 
 
-def plan_defaults(configuration_manager, label_manager) -> dict:
-    """nnU-Net's own loss settings from the plan (as ``nnUNetTrainer._build_loss``); every head takes them."""
+def head_options(options: dict, configuration_manager, label_manager) -> dict:
+    """The head's options: nnU-Net's own loss settings from the plan (as ``nnUNetTrainer._build_loss`` reads them;
+    every head takes them, ``head.PLAN_OPTIONS``), overridden by the user's `options`."""
     plan = {"batch_dice": configuration_manager.batch_dice, "ignore_label": label_manager.ignore_label}
-    return {k: plan[k] for k in PLAN_OPTIONS}
+    return {**{k: plan[k] for k in PLAN_OPTIONS}, **options}
 
 
 def build_head_network(configuration_manager, num_input_channels: int, num_classes: int, head_name: str,
                        options: dict) -> nn.Module:
-    """nnU-Net's ``get_network_from_plans`` network, its last decoder seg layer replaced by the head."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    network = get_network_from_plans(configuration_manager.network_arch_class_name,
-                                     configuration_manager.network_arch_init_kwargs,
-                                     configuration_manager.network_arch_init_kwargs_req_import,
-                                     num_input_channels, 1, allow_init=True, deep_supervision=False)
-    seg_layers = segmentation_layers(network)  # ResEnc's decoder.seg_layers or STU-Net's seg_outputs
-    in_channels = seg_layers[-1].in_channels
-    for stage in range(len(seg_layers) - 1):
-        seg_layers[stage] = nn.Identity()
-    seg_layers[-1] = create_head(head_name, in_channels, num_classes, **options)
+    """The plan configuration's network (``build_network``), the head in its full-resolution seg conv's place."""
+    network, features = build_network(configuration_manager.configuration["architecture"], num_input_channels)
+    layers = segmentation_layers(network)
+    for stage in range(len(layers) - 1):
+        layers[stage] = nn.Identity()
+    layers[-1] = create_head(head_name, features, num_classes, **options)
     return network
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from headzoo.device import NNUNET_DEVICES, resolve_device
 from headzoo.errors import HeadzooError
 from headzoo.paths import use_user_nnunet_folders
 
@@ -53,13 +54,8 @@ def dataset_name(dataset: str) -> str:
 
 
 def check_device(device: str) -> torch.device:
-    if device not in ("cpu", "cuda", "mps"):
-        raise HeadzooError(f"-device must be cpu, cuda or mps, got '{device}'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise HeadzooError("-device cuda but no CUDA device is available; use -device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise HeadzooError("-device mps but no MPS device is available; use -device cpu")
-    return torch.device(device)
+    """nnUNetv2_train's and nnUNetv2_predict's ``-device`` (cpu, cuda or mps), checked as ``headzoo run`` checks its own."""
+    return resolve_device(device, "-device", NNUNET_DEVICES)
 
 
 def check_preprocessed(folder: Path, dataset: str, configuration: str, plans: str, fold: str) -> None:

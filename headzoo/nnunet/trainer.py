@@ -20,15 +20,15 @@ import difflib
 import inspect
 import os
 
-import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from headzoo.config import parse_option
+from headzoo.config import parse_options
 from headzoo.errors import HeadzooError
-from headzoo.nnunet.network import build_head_network, head_of, plan_defaults
+from headzoo.inference import class_counts
+from headzoo.nnunet.network import build_head_network, head_of, head_options
 from headzoo.nnunet.predictor import validation_through_head
 from headzoo.registry import get_head_class, list_heads
 
@@ -44,16 +44,9 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def parse_head_options(text: str) -> dict:
-    """``"rank=16,chunk=10"`` → ``{"rank": 16, "chunk": 10}``; values read as ``--option`` reads them (JSON)."""
-    try:
-        return dict(parse_option(item.strip()) for item in text.split(",") if item.strip())
-    except HeadzooError:
-        raise HeadzooError(f"{OPTIONS_VARIABLE} expects KEY=VALUE[,KEY=VALUE...], got '{text}'") from None
-
-
 def options_from_environment() -> dict:
-    return parse_head_options(os.environ.get(OPTIONS_VARIABLE, ""))
+    """``HEADZOO_HEAD_OPTIONS="rank=16,chunk=10"`` → ``{"rank": 16, "chunk": 10}``, values read as ``--option`` reads them."""
+    return parse_options(os.environ.get(OPTIONS_VARIABLE, ""), OPTIONS_VARIABLE)
 
 
 def refuse_partial_labels(dataset_json: dict) -> None:
@@ -66,11 +59,9 @@ def refuse_partial_labels(dataset_json: dict) -> None:
                            "the head's loss; train it with `headzoo run --dataset FOLDER --head sigmoid`")
 
 
-def head_settings(options: dict, configuration_manager, label_manager) -> dict:
-    """The head's options: nnU-Net's loss settings from the plan, overridden by the user's."""
+def refuse_regions(label_manager) -> None:
     if label_manager.has_regions:
         raise HeadzooError("headzoo trainers need label-based training; region-based datasets are not supported")
-    return {**plan_defaults(configuration_manager, label_manager), **options}
 
 
 class nnUNetTrainerHead(nnUNetTrainer):
@@ -86,7 +77,8 @@ class nnUNetTrainerHead(nnUNetTrainer):
         for setting, value in self.variant.items():
             setattr(self, setting, value)
         self.enable_deep_supervision = False
-        self.head_options = head_settings(options_from_environment(), self.configuration_manager, self.label_manager)
+        refuse_regions(self.label_manager)
+        self.head_options = head_options(options_from_environment(), self.configuration_manager, self.label_manager)
         self._record_head()
         # nnU-Net builds the network through self.build_network_architecture; on an instance it must use this
         # trainer's options (restored from a checkpoint by load_checkpoint), not the environment's.
@@ -154,20 +146,6 @@ class nnUNetTrainerHead(nnUNetTrainer):
                                    "only label files are exported")
         with validation_through_head(self.network, self.head_name, self.head_options):
             super().perform_actual_validation(False)
-
-
-def class_counts(prediction: torch.Tensor, target: torch.Tensor, num_classes: int,
-                 ignore_label: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class true positives, false positives and false negatives from label maps (bincounts)."""
-    if ignore_label is not None:
-        keep = target != ignore_label
-        prediction, target = prediction[keep], target[keep]
-    prediction, target = prediction.reshape(-1), target.reshape(-1)
-    true_positive = torch.bincount(target[prediction == target], minlength=num_classes)[:num_classes]
-    predicted = torch.bincount(prediction, minlength=num_classes)[:num_classes]
-    reference = torch.bincount(target, minlength=num_classes)[:num_classes]
-    tp = true_positive.cpu().numpy()
-    return tp, predicted.cpu().numpy() - tp, reference.cpu().numpy() - tp
 
 
 def trainer_name(head_name: str, suffix: str = "") -> str:

@@ -166,7 +166,7 @@ def measured_section(store: Store) -> list[str]:
                      f"{preset} ({get_preset(preset).code_bits or 1}) | {'off' if clip is None else f'{clip:g}'} | "
                      f"{measured / 2**20:.1f} | {estimate / 2**20:.1f} | {estimate / measured:.3f} | {len(rows)} | "
                      f"{', '.join(sorted({r.get('git_sha', '?') for r in rows}))} |")
-    profile = pd.read_csv(OUT / "loss_profile.csv")
+    profile = loss_profile.read_table(OUT / "loss_profile.jsonl")
     lines += ["", "The loss profile's measured rows (`leaderboard/loss_profile.md`), estimated by the same code:", "",
               "| loss | C | chunk | patch | measured total MiB | estimate MiB | ratio |", "|---|---|---|---|---|---|---|"]
     for _, r in profile[profile.status == "ok"].drop_duplicates(["loss", "classes", "chunk", "patch"]).iterrows():

@@ -316,10 +316,10 @@ def check_faiss_gpu(context: Context) -> dict:
 
 def check_loss_profile(context: Context) -> dict:
     import pandas as pd
-    out = context.out / "loss_profile.csv"
+    out = context.out / "loss_profile.jsonl"
     _python(["benchmarks/loss_profile.py", *PROFILE_ARGUMENTS, "--device", context.device.type, "--out", str(out)],
             300)
-    rows = pd.read_csv(out)
+    rows = pd.read_json(out, lines=True)
     rows = rows[rows.device_name == torch.cuda.get_device_name(context.device)]
     numbers = {"rows": len(rows), "not_ok": int((rows.status != "ok").sum())}
     for loss, chunk, patch in (("triton", None, 128), ("chunked", 10, 128), ("triton", None, 32),

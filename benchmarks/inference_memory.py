@@ -7,8 +7,11 @@ end). Network: nnU-Net's ResidualEncoderUNet, 2 stages of 8 and 16 features (ran
 does not depend on them, and the network's own activations are the same for every head), patch
 --patch³, step 0.5, no mirroring. Memory: on CPU the peak of live
 torch tensors (torch's MemTracker) and the process's peak RSS growth (numpy buffers of the export
-included); on CUDA the allocator's peak. A cell over --memory-limit (CPU address space, CUDA allocator
-cap) is recorded as ``oom``. Results: leaderboard/inference_memory.jsonl and .md.
+included); on CUDA the allocator's peak; both taken by headzoo.measure.measured. Memory the head holds
+outside torch (a FAISS GPU index: ``Head.external_memory_bytes``) is recorded beside the peak. A cell over
+--memory-limit (CPU address space, CUDA allocator cap) is recorded as ``oom``. Records:
+leaderboard/inference_memory.jsonl (strict JSON lines, written atomically through headzoo.results; a rerun
+replaces the cells it runs), rendered to inference_memory.md.
 
     python benchmarks/inference_memory.py --device cpu --memory-limit 12GiB
 """
@@ -19,19 +22,22 @@ import copy
 import json
 import math
 import os
-import shlex
 import platform
-import resource
+import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from headzoo.errors import HeadzooError
+from headzoo.results import json_lines, rewrite_records, strict_json, write_text_atomically
+
 OUT = Path(__file__).resolve().parent.parent / "leaderboard"
 VOLUMES = {"192³ (toy)": (192, 192, 192), "244×234×287 (TotalSegmentator, 1.5 mm)": (244, 234, 287)}
+#: a cell's key: a rerun replaces the record with the same values of these
+KEY = ("head", "classes", "shape", "patch", "device", "machine")
 
 
 def light_architecture() -> dict:
@@ -67,33 +73,13 @@ def plans_and_dataset(classes: int, shape: tuple[int, ...], patch: int) -> tuple
     return plans, dataset
 
 
-def total_peak_tracker():
-    """torch's MemTracker for the total peak of live tensors only: its per-module statistics refuse a module
-    called more than once, and sliding-window prediction calls the network once per window."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    class TotalPeakTracker(MemTracker):
-        def _pre_fw_hook(self, module, inputs) -> None:
-            pass
-
-        def _post_fw_hook(self, module, inputs, outputs) -> None:
-            pass
-
-    return TotalPeakTracker()
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
 def run_cell(head: str, classes: int, shape: tuple[int, ...], patch: int, device: str) -> dict:
     """One prediction + export; the measurements (this process does nothing else)."""
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from headzoo.measure import is_out_of_memory
+    from headzoo.measure import is_out_of_memory, measured
     from headzoo.nnunet.network import build_head_network, head_of
     from headzoo.nnunet.predictor import HeadPredictor, export_head_prediction
 
@@ -122,29 +108,17 @@ def run_cell(head: str, classes: int, shape: tuple[int, ...], patch: int, device
                                    head_of(network))
 
     record = {"head": head, "classes": classes, "shape": list(shape), "patch": patch, "device": device}
-    rss_before = current_rss_bytes()
-    start = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as folder:
+        try:  # the network is called once per window: only the total peak is kept
+            with measured(device, network, repeated_modules=True) as measurement:
                 predict_and_export(folder)
-                torch.cuda.synchronize()
-                record["peak_bytes"], record["peak_kind"] = torch.cuda.max_memory_allocated(), "cuda_allocator"
-            else:
-                tracker = total_peak_tracker()
-                tracker.track_external(network)
-                with tracker:
-                    predict_and_export(folder)
-                record["peak_bytes"] = int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
-                record["peak_kind"] = "cpu_live_tensors"
-        record["status"] = "ok"
-    except Exception as error:  # noqa: BLE001 — an allocation refused under the budget is a result
-        if not is_out_of_memory(error):
-            raise
-        record["status"] = "oom"
-    record["seconds"] = time.perf_counter() - start
-    record["rss_growth_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+            record.update(status="ok", peak_bytes=measurement.peak_bytes, peak_kind=measurement.peak_kind,
+                          external_memory_bytes=head_of(network).external_memory_bytes())
+        except Exception as error:  # noqa: BLE001 — an allocation refused under the budget is a result
+            if not is_out_of_memory(error):
+                raise
+            record["status"] = "oom"
+    record.update(seconds=measurement.seconds, rss_growth_bytes=measurement.rss_growth_bytes)
     return record
 
 
@@ -152,29 +126,58 @@ def gib(value) -> str:
     return f"{value / 2**30:.2f}" if isinstance(value, (int, float)) else "—"
 
 
-def render(records: list[dict], command: str) -> str:
+def mib(value) -> str:
+    return f"{value / 2**20:.0f}" if isinstance(value, (int, float)) else "—"
+
+
+def render(records: list[dict]) -> str:
+    made = sorted({(r["command"], r["machine"], r["torch"]) for r in records})
     lines = ["# Inference memory: sliding-window prediction + export", "",
-             f"Made by `{command}` on {platform.node()} ({platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}). Network: ResidualEncoderUNet, 2 stages (8, 16 features), random weights, "
+             *[f"Made by `{command}` on {machine}, torch {version}." for command, machine, version in made],
+             "Network: ResidualEncoderUNet, 2 stages (8, 16 features), random weights, "
              "step 0.5, no mirroring; dense = nnU-Net's `nnUNetPredictor` + `export_prediction_from_logits`, "
              "others = `headzoo predict`'s K-channel path. CPU peak = live torch tensors (MemTracker); "
-             "RSS growth includes numpy buffers of the export.", "",
-             "| volume | head | C | status | peak GiB | RSS growth GiB | seconds |", "|---|---|---|---|---|---|---|"]
+             "RSS growth includes numpy buffers of the export; outside torch = memory the head holds outside "
+             "torch's allocator (a FAISS GPU index; none on the CPU).", "",
+             "| volume | head | C | device | status | peak GiB | outside torch MiB | RSS growth GiB | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         volume = next((name for name, shape in VOLUMES.items() if list(shape) == r["shape"]), "×".join(map(str, r["shape"])))
         ok = r["status"] == "ok"
         status = r["status"] if ok else f"{r['status']} (fp16 C-channel buffer alone: " \
             f"{gib(r['classes'] * math.prod(r['shape']) * 2)} GiB)"
-        lines.append(f"| {volume} | {r['head']} | {r['classes']} | {status} | "
-                     f"{gib(r.get('peak_bytes')) if ok else '—'} | {gib(r['rss_growth_bytes']) if ok else '—'} | "
-                     f"{r['seconds']:.1f} |")
-    by_key = {(r["head"], r["classes"], tuple(r["shape"])): r for r in records if r["status"] == "ok"}
-    for shape in {tuple(r["shape"]) for r in records}:
-        low, high = by_key.get(("chunked", 100, shape)), by_key.get(("chunked", 1000, shape))
+        lines.append(f"| {volume} | {r['head']} | {r['classes']} | {r['device']} | {status} | "
+                     f"{gib(r.get('peak_bytes')) if ok else '—'} | {mib(r.get('external_memory_bytes')) if ok else '—'} "
+                     f"| {gib(r.get('rss_growth_bytes')) if ok else '—'} | {r['seconds']:.1f} |")
+    by_key = {(r["head"], r["classes"], tuple(r["shape"]), r["device"], r["machine"]): r
+              for r in records if r["status"] == "ok"}
+    for shape, device, machine in sorted({(tuple(r["shape"]), r["device"], r["machine"]) for r in records}):
+        low, high = (by_key.get(("chunked", c, shape, device, machine)) for c in (100, 1000))
         if low and high:
-            lines.append(f"\nchunked, {'×'.join(map(str, shape))}: peak at C = 1000 / C = 100 = "
+            lines.append(f"\nchunked, {'×'.join(map(str, shape))}, {device}: peak at C = 1000 / C = 100 = "
                          f"{high['peak_bytes'] / low['peak_bytes']:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def read_records(path: Path) -> list[dict]:
+    """The cells of a records file (none where it does not exist); a line that is not a cell is one line."""
+    records = []
+    for number, record in json_lines(path):
+        if not isinstance(record, dict) or any(k not in record for k in (*KEY, "command", "torch", "status")):
+            raise HeadzooError(f"{path}:{number} is not an inference-memory record (an object with "
+                               f"{', '.join(KEY)}, command, torch and status)")
+        records.append(record)
+    return records
+
+
+def write(new: list[dict], out: Path) -> None:
+    """Merge `new` into out.jsonl (a cell replaces the record with its key) and render out.md."""
+    def key(record: dict) -> str:
+        return json.dumps([record[k] for k in KEY])
+    replaced = {key(r) for r in new}
+    merged = [r for r in read_records(out.with_suffix(".jsonl")) if key(r) not in replaced] + new
+    rewrite_records(out.with_suffix(".jsonl"), merged)
+    write_text_atomically(out.with_suffix(".md"), render(merged))
 
 
 def main() -> None:
@@ -185,24 +188,27 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory-limit", default=None, help="budget per cell, e.g. 12GiB")
-    parser.add_argument("--out", type=Path, default=OUT / "inference_memory")
+    parser.add_argument("--out", type=Path, default=OUT / "inference_memory",
+                        help="records go to OUT.jsonl, the table to OUT.md")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: run one cell, print JSON
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .jsonl")
     args = parser.parse_args()
-    if args.render:
-        lines = args.out.with_suffix(".jsonl").read_text().splitlines()
-        command, records = json.loads(lines[0])["command"], [json.loads(line) for line in lines[1:]]
-        args.out.with_suffix(".md").write_text(render(records, command))
-        return
     if args.cell:
         head, classes, shape = json.loads(args.cell)
         if args.memory_limit:
             from headzoo.budget import apply_memory_limit
             from headzoo.config import parse_bytes
             apply_memory_limit(parse_bytes(args.memory_limit), args.device)
-        print(json.dumps(run_cell(head, classes, tuple(shape), args.patch, args.device)), flush=True)
+        print(strict_json(run_cell(head, classes, tuple(shape), args.patch, args.device)), flush=True)
         os._exit(0)  # after an oom nnU-Net's window producer thread may be left blocked; do not wait for it
+    read_records(args.out.with_suffix(".jsonl"))  # a file this cannot merge into fails now, not after the runs
+    if args.render:
+        write([], args.out)
+        return
     volumes = [VOLUMES.get(v) or tuple(int(x) for x in v.split("x")) for v in args.volumes.split(",")]
+    command = shlex.join(["python", "benchmarks/inference_memory.py", *sys.argv[1:]])
+    made = {"command": command, "machine": f"{platform.node()} ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__}
     records = []
     for shape in volumes:
         for head in args.heads.split(","):
@@ -213,14 +219,15 @@ def main() -> None:
                 result = subprocess.run(cell, capture_output=True, text=True)
                 if result.returncode != 0:
                     raise SystemExit(f"cell {head} C={classes} {shape} failed:\n{result.stderr[-3000:]}")
-                records.append(json.loads(result.stdout.strip().splitlines()[-1]))
+                records.append({**json.loads(result.stdout.strip().splitlines()[-1]), **made})
                 print(records[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/inference_memory.py " + shlex.join(sys.argv[1:])
-    args.out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"command": command}, *records]))
-    args.out.with_suffix(".md").write_text(render(records, command))
+    write(records, args.out)
     print(f"wrote {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HeadzooError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -4,7 +4,10 @@ The direct loss (materialised logits Eᵀ·B + nnU-Net's DC_and_CE_loss) is meas
 and on CUDA with triton installed the fused Triton loss (heads/chunked_triton.py, loss `triton`) too
 (that column is untested on a GPU so far: written on a CPU-only machine).
 Times: median of --repeats after --warmup (forward, backward, total). Memory: peak live tensor bytes
-on CPU (torch's MemTracker), the allocator peak on CUDA; inputs B and E included. Rows that cannot fit
+on CPU (torch's MemTracker), the allocator peak on CUDA; inputs B and E included; both measured by
+headzoo.measure.measured. Records: leaderboard/loss_profile.jsonl (strict JSON lines, written atomically
+through headzoo.results; a row per section/loss/C/chunk/patch/device, a rerun replaces its rows), rendered to
+loss_profile.md. Rows that cannot fit
 the machine (and rows of --estimate-patches) are not run: their memory is estimated, the same loss code on fake
 tensors counted by the same MemTracker (headzoo estimate; equal to the measured peak wherever both exist), and
 marked as an estimate, without times.
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +28,17 @@ import pandas as pd
 import torch
 
 import headzoo  # noqa: F401  (nnU-Net environment)
+from headzoo.errors import HeadzooError
 from headzoo.heads.chunked import chunked_dc_and_ce_loss
 from headzoo.heads.dense import build_nnunet_loss
+from headzoo.measure import measured
+from headzoo.results import json_lines, rewrite_records, write_text_atomically
 
 OUT = Path(__file__).resolve().parent.parent / "leaderboard"
 BATCH, RANK = 2, 32
 DIRECT_COPIES = 6  # logits-sized float tensors the direct loss holds at its peak (measured: ~5.6 at 32³)
+#: a row's key: a rerun replaces the row with the same values of these
+KEY = ("section", "loss", "classes", "chunk", "patch", "device_name")
 
 
 def sections(args) -> list[tuple[str, int, int | None, int]]:
@@ -75,26 +82,17 @@ def triton_imports() -> bool:
     return True
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_row(fn, inputs, device, warmup: int, repeats: int) -> dict:
     forward, backward = [], []
     for i in range(warmup + repeats):
         inputs[0].grad = inputs[1].grad = None
-        sync(device)
-        t0 = time.perf_counter()
-        loss = fn(*inputs)
-        sync(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        sync(device)
-        t2 = time.perf_counter()
+        with measured(device, memory=False) as forward_time:
+            loss = fn(*inputs)
+        with measured(device, memory=False) as backward_time:
+            loss.backward()
         if i >= warmup:
-            forward.append(t1 - t0)
-            backward.append(t2 - t1)
+            forward.append(forward_time.seconds)
+            backward.append(backward_time.seconds)
     total = np.add(forward, backward)
     return {"forward_s": float(np.median(forward)), "backward_s": float(np.median(backward)),
             "total_s": float(np.median(total)), "total_p20_s": float(np.percentile(total, 20)),
@@ -104,22 +102,11 @@ def time_row(fn, inputs, device, warmup: int, repeats: int) -> dict:
 def memory_row(fn, inputs, device) -> dict:
     def peak(with_backward: bool) -> int:
         inputs[0].grad = inputs[1].grad = None
-        if device.type == "cuda":
-            sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        with measured(device, *inputs) as measurement:
             loss = fn(*inputs)
             if with_backward:
                 loss.backward()
-            sync(device)
-            return torch.cuda.max_memory_allocated(device)
-        from torch.distributed._tools.mem_tracker import MemTracker
-        tracker = MemTracker()
-        tracker.track_external(*inputs)
-        with tracker:
-            loss = fn(*inputs)
-            if with_backward:
-                loss.backward()
-        return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+        return measurement.peak_bytes
     return {"forward_peak_bytes": peak(False), "total_peak_bytes": peak(True)}
 
 
@@ -143,10 +130,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=OUT / "loss_profile.csv")
+    parser.add_argument("--out", type=Path, default=OUT / "loss_profile.jsonl",
+                        help="the records (JSON lines); the table goes beside it as .md")
     parser.add_argument("--estimate-patches", type=int, nargs="*", default=[],
                         help="patch edges whose rows are estimated (fake tensors), not run")
     args = parser.parse_args()
+    read_records(args.out)  # a file this cannot merge into fails now, not after the runs
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
@@ -181,23 +170,37 @@ def main() -> None:
         rows.append(row)
         print({k: row.get(k) for k in ("section", "loss", "classes", "chunk", "patch", "total_s",
                                         "total_peak_bytes", "status")}, flush=True)
-    write(pd.DataFrame(rows), args.out)
+    write(rows, args.out)
 
 
-def write(new: pd.DataFrame, out: Path) -> None:
-    """Merge into the results file (rows keyed by section/loss/classes/chunk/patch/device), then render markdown."""
-    key = ["section", "loss", "classes", "chunk", "patch", "device_name"]
-    if out.exists():
-        old = pd.read_csv(out)
-        measured = old[old.status == "ok"].set_index(key).index
-        new = new[~((new.status == "estimate") & new.set_index(key).index.isin(measured))]  # never over a measured row
-        merged = pd.concat([old, new]).drop_duplicates(subset=key, keep="last")
-    else:
-        merged = new
-    temporary = out.with_suffix(".tmp")
-    merged.to_csv(temporary, index=False)
-    temporary.replace(out)
-    out.with_suffix(".md").write_text(render(merged))
+def read_records(path: Path) -> list[dict]:
+    """The rows of a loss-profile file (none where it does not exist); a line that is not a row is one line."""
+    rows = []
+    for number, row in json_lines(path):
+        if not isinstance(row, dict) or any(k not in row for k in (*KEY, "status")):
+            raise HeadzooError(f"{path}:{number} is not a loss-profile row (an object with {', '.join(KEY)} and "
+                               "status)")
+        rows.append(row)
+    return rows
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """The rows as a table; a field a row lacks (an estimate's times) is NaN, as is a direct row's chunk."""
+    return pd.DataFrame(read_records(path))
+
+
+def write(new: list[dict], out: Path) -> None:
+    """Merge into the records file (a new row replaces the old row with its key; an estimate never replaces a
+    measured row), then render the markdown beside it."""
+    def key(row: dict) -> tuple:
+        return tuple(row.get(k) for k in KEY)
+    old = read_records(out)
+    measured_keys = {key(r) for r in old if r["status"] == "ok"}
+    new = [r for r in new if not (r["status"] == "estimate" and key(r) in measured_keys)]
+    replaced = {key(r) for r in new}
+    merged = [r for r in old if key(r) not in replaced] + new
+    rewrite_records(out, merged)
+    write_text_atomically(out.with_suffix(".md"), render(pd.DataFrame(merged)))
 
 
 def render(table: pd.DataFrame) -> str:
@@ -248,4 +251,7 @@ def fmt_chunk(r) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HeadzooError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -1,4 +1,5 @@
-"""The head contract every head, built-in or plug-in, implements (see DESIGN.md)."""
+"""The head contract every head, built-in or plug-in, implements: the README's "Writing a head (plug-ins)" states
+it, tests/contract.py checks it and tests/test_conformance.py runs those checks over every registered head."""
 from __future__ import annotations
 
 import difflib

@@ -1,8 +1,16 @@
-"""Peak memory and step time of a whole training step (DESIGN.md "Measurements")."""
+"""Peak memory and wall time, for a training step and for every benchmark (benchmarks/*.py).
+
+One system: `measured` is the context manager that times a block and takes its peak memory, on CUDA the
+allocator's peak (``torch.cuda.max_memory_allocated``, after a synchronize), on the CPU the peak of live torch
+tensors (torch's MemTracker, which counts every tensor an op allocates), and the process's peak resident set
+beside it. Memory a head holds outside torch (a FAISS GPU index) is in neither: ``Head.external_memory_bytes``
+reports it, and a record states it beside the peak."""
 from __future__ import annotations
 
+import contextlib
+import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +22,24 @@ class PeakMemory:
     bytes: int       # CUDA allocator peak, or on CPU the peak of live tensor bytes
     kind: str        # "cuda_allocator" or "cpu_live_tensors"
     rss_bytes: int | None  # the process's peak resident set during the step (cross-check); None if unknown
+
+
+@dataclass
+class Measurement:
+    """What one `measured` block took: wall seconds and, where memory was measured, the peak (`PeakMemory`'s
+    kinds) and the process's resident set at the start and at its peak (None where /proc lacks them)."""
+    seconds: float | None = None
+    peak_bytes: int | None = None
+    peak_kind: str | None = None
+    rss_start_bytes: int | None = None
+    rss_peak_bytes: int | None = None
+
+    @property
+    def rss_growth_bytes(self) -> int | None:
+        """How far the resident set rose above its start during the block (numpy buffers included)."""
+        if self.rss_start_bytes is None or self.rss_peak_bytes is None:
+            return None
+        return self.rss_peak_bytes - self.rss_start_bytes
 
 
 def reset_peak_rss() -> bool:
@@ -37,34 +63,90 @@ def peak_rss_bytes() -> int | None:
         return None
 
 
-def measure_peak_memory(step: Callable[[], object], device: torch.device, *tracked: object) -> PeakMemory:
-    """Run `step` once and report its peak memory; `tracked` (modules, optimizers) exist before it."""
-    rss_known = reset_peak_rss()
+def current_rss_bytes() -> int | None:
+    """The process's resident set now (Linux's /proc/self/statm); None where /proc lacks it."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return None
+
+
+def _total_peak_tracker(repeated_modules: bool):
+    """torch's MemTracker; with `repeated_modules` one that keeps only the total peak. MemTracker's per-module
+    statistics refuse a module called again at the top level (sliding-window prediction calls the network once
+    per window); without them, tensors alive before the block count only when passed as `tracked` (the module
+    hooks also count a module's inputs and parameters when it is first called)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    if not repeated_modules:
+        return MemTracker()
+
+    class TotalPeakTracker(MemTracker):
+        def _pre_fw_hook(self, module, inputs) -> None:
+            pass
+
+        def _post_fw_hook(self, module, inputs, outputs) -> None:
+            pass
+
+        def _pre_bw_hook(self, module, args) -> None:
+            pass
+
+        def _post_bw_hook(self, module, args) -> None:
+            pass
+
+    return TotalPeakTracker()
+
+
+@contextlib.contextmanager
+def measured(device: torch.device, *tracked: object, memory: bool = True,
+             repeated_modules: bool = False) -> Iterator[Measurement]:
+    """Time the block (synchronising around it on CUDA) and, with `memory`, take its peak memory; the
+    `Measurement` it yields is filled when the block ends (its seconds also when the block raises). `tracked`
+    (modules, optimizers, tensors): what exists before the block and counts on the CPU. `repeated_modules`:
+    the block calls a module more than once at the top level (see `_total_peak_tracker`). On the CPU,
+    MemTracker's bookkeeping slows the block: time it again without `memory` where the time matters."""
+    device = torch.device(device)
+    result, tracker = Measurement(), contextlib.nullcontext()
+    if memory and reset_peak_rss():
+        result.rss_start_bytes = current_rss_bytes()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak, kind = torch.cuda.max_memory_allocated(device), "cuda_allocator"
-    else:
-        from torch.distributed._tools.mem_tracker import MemTracker
-        tracker = MemTracker()
+        if memory:
+            torch.cuda.reset_peak_memory_stats(device)
+    elif memory:
+        tracker = _total_peak_tracker(repeated_modules)
         tracker.track_external(*tracked)
+    start = time.perf_counter()
+    try:
         with tracker:
-            step()
-        peak, kind = int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]), "cpu_live_tensors"
-    return PeakMemory(peak, kind, peak_rss_bytes() if rss_known else None)
+            yield result
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        result.seconds = time.perf_counter() - start
+    if not memory:
+        return
+    if device.type == "cuda":
+        result.peak_bytes, result.peak_kind = torch.cuda.max_memory_allocated(device), "cuda_allocator"
+    else:
+        result.peak_bytes = int(tracker.get_tracker_snapshot("peak").get(torch.device("cpu"), {}).get("Total", 0))
+        result.peak_kind = "cpu_live_tensors"
+    if result.rss_start_bytes is not None:
+        result.rss_peak_bytes = peak_rss_bytes()
+
+
+def measure_peak_memory(step: Callable[[], object], device: torch.device, *tracked: object) -> PeakMemory:
+    """Run `step` once and report its peak memory; `tracked` (modules, optimizers) exist before it."""
+    with measured(device, *tracked) as measurement:
+        step()
+    return PeakMemory(measurement.peak_bytes, measurement.peak_kind, measurement.rss_peak_bytes)
 
 
 def timed(step: Callable[[], object], device: torch.device) -> float:
     """Seconds one call of `step` takes, synchronising around it on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    with measured(device, memory=False) as measurement:
+        step()
+    return measurement.seconds
 
 
 def summarize_times(times: list[float]) -> dict[str, float | None]:

@@ -203,9 +203,25 @@ def read_records(path: Path, required: tuple[str, ...] = ROW_REQUIRED) -> list[d
     schema; a line that is not a UTF-8 JSON object of a valid row, or a second row with one key, is one line
     naming file:line."""
     path = Path(path)
+    records, lines = [], {}
+    for number, row in json_lines(path):
+        where = f"{path}:{number}"
+        record = migrate(validate_row(row, where, required))
+        first = lines.setdefault(record_key(record), number)
+        if first != number:
+            raise HeadzooError(f"{where} repeats the results key of line {first} (same settings, seed, dataset and "
+                               "device): keep one of them")
+        records.append(record)
+    return records
+
+
+def json_lines(path: Path) -> list[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSON-lines file (results, benchmark records); a line
+    that is not UTF-8 JSON is one line naming file:line. No file: no lines."""
+    path = Path(path)
     if _file_mode(path, "") is None:
         return []
-    records, lines = [], {}
+    values = []
     for number, raw in enumerate(path.read_bytes().splitlines(), 1):
         where = f"{path}:{number}"
         try:
@@ -215,16 +231,10 @@ def read_records(path: Path, required: tuple[str, ...] = ROW_REQUIRED) -> list[d
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            values.append((number, json.loads(line)))
         except ValueError as error:
             raise HeadzooError(f"{where} is not a JSON line ({error})") from error
-        record = migrate(validate_row(row, where, required))
-        first = lines.setdefault(record_key(record), number)
-        if first != number:
-            raise HeadzooError(f"{where} repeats the results key of line {first} (same settings, seed, dataset and "
-                               "device): keep one of them")
-        records.append(record)
-    return records
+    return values
 
 
 def _lock(target: Path):
@@ -281,13 +291,20 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 def rewrite_records(path: Path, records: list[dict]) -> None:
-    """Write `records` to `path` atomically (temporary file + rename), keeping the file's mode."""
+    """Write `records` to `path` atomically (temporary file + rename), one strict JSON line each, keeping the
+    file's mode."""
+    write_text_atomically(path, "".join(strict_json(r) + "\n" for r in records))
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (temporary file + rename): a reader sees the old file or the new one,
+    never a part; the file's mode is kept."""
+    path = Path(path)
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644  # mkstemp's 0600 is not for sharing
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as out:
-            for r in records:
-                out.write(strict_json(r) + "\n")
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(temporary, mode)

@@ -1,5 +1,6 @@
-"""The head contract (headzoo/head.py, DESIGN.md) as executable checks. test_conformance.py runs them over
-every registered head and its declared variants; test_contract.py shows each one fails for a broken head.
+"""The head contract (headzoo/head.py; the README's "Writing a head (plug-ins)") as executable checks.
+test_conformance.py runs them over every registered head and its declared variants; test_contract.py shows
+each one fails for a broken head.
 A failed check says which head, and which parameter or class, broke which rule."""
 from __future__ import annotations
 

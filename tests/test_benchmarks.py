@@ -77,13 +77,14 @@ def test_time_only_and_a_raising_block_still_timed():
 
 
 def test_rss_growth_includes_numpy_buffers():
-    """256 MiB of numpy (no torch tensor) touched inside the block: the resident set grows by at least that."""
+    """256 MiB of numpy (no torch tensor) touched inside the block: the resident set grows by about that (the
+    allocator may reuse a few pages the process already held: 204 KiB short of 256 MiB in one full-suite run)."""
     if not reset_peak_rss():
         pytest.skip("no resettable peak RSS (/proc/self/clear_refs) here")
     with measured(torch.device("cpu")) as measurement:
         buffer = np.ones(256 * MIB // 8)
         del buffer
-    assert measurement.peak_bytes == 0 and measurement.rss_growth_bytes >= 256 * MIB
+    assert measurement.peak_bytes == 0 and measurement.rss_growth_bytes >= 0.9 * 256 * MIB
 
 
 def test_measure_peak_memory_is_measured():

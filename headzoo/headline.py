@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from headzoo.curves import reach_cell, reach_targets
-from headzoo.protocol import (ACCURACY_PROTOCOL, LARGE_C, LR_GRID, TUNING, is_large_c_run, is_protocol_run,
-                              is_tuning_run, protocol_lr)
+from headzoo.protocol import (ACCURACY_PROTOCOL, LARGE_C, LR_GRID, PROTOCOL_LR, TUNING, is_large_c_run,
+                              is_protocol_run, is_tuning_run, protocol_lr)
 from headzoo.report import format_bytes, format_seconds
 from headzoo.results import DICE_DEFINITION
 
@@ -77,8 +77,9 @@ def _tables(runs: pd.DataFrame, suffix: str) -> list[str]:
 
 
 def tuning_section(frame: pd.DataFrame, records: list[dict]) -> list[str]:
-    """The same learning-rate grid for every head: final Dice per rate, the chosen (protocol) rate in bold."""
-    tuning = frame[[is_tuning_run(records[i]) for i in frame["row"]]]
+    """The same learning-rate grid for every head: final Dice per rate, the chosen (protocol) rate in bold. Only
+    heads that earned their rate on the grid (protocol.PROTOCOL_LR); a variant run at one rate is an experiment."""
+    tuning = frame[[is_tuning_run(records[i]) and label in PROTOCOL_LR for i, label in zip(frame["row"], frame["label"])]]
     if tuning.empty:
         return []
     lines = ["### Learning-rate budget", "",

@@ -161,9 +161,9 @@ def run(settings: dict,
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """'sigmoid:rank=32,chunk=60' → ('sigmoid', {'rank': 32, 'chunk': 60})."""
-    from headzoo.config import parse_option
+    from headzoo.config import parse_options
     head, _, options = text.partition(":")
-    return head, dict(parse_option(o, f"--variant {text}") for o in options.split(",") if o)
+    return head, parse_options(options, f"--variant {text}")
 
 
 def parse_integers(text: str, option: str) -> list[int]:

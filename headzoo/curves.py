@@ -48,6 +48,7 @@ def _plot(group: pd.DataFrame, classes: int, path: Path, device: str) -> None:
     by_time.set_xlabel("training seconds")
     by_step.set_xlabel("steps")
     by_time.set_ylabel("held-out mean Dice")
+    by_time.set_ylim(0, 1)  # Dice's whole range: a curve at 3e-5 is drawn flat at zero, not zoomed into a slope
     for axis in (by_time, by_step):
         axis.grid(alpha=0.3)
     by_time.legend(fontsize=8)

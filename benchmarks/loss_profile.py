@@ -16,6 +16,7 @@ marked as an estimate, without times.
     python benchmarks/loss_profile.py --section patch --patches 128 --repeats 3 --warmup 1
     python benchmarks/loss_profile.py --section patch --patches 128 192 --estimate-patches 192
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,7 @@ def sections(args) -> list[tuple[str, int, int | None, int]]:
 def make_inputs(classes: int, patch: int, device: torch.device):
     generator = torch.Generator(device=device).manual_seed(0)
     basis = torch.randn(BATCH, RANK, patch, patch, patch, device=device, generator=generator).requires_grad_()
-    operator = (torch.randn(RANK, classes, device=device, generator=generator) / RANK ** 0.5).requires_grad_()
+    operator = (torch.randn(RANK, classes, device=device, generator=generator) / RANK**0.5).requires_grad_()
     target = torch.randint(0, classes, (BATCH, 1, patch, patch, patch), device=device, generator=generator)
     return basis, operator, target
 
@@ -70,6 +71,7 @@ def loss_function(loss: str, chunk: int | None):
         return lambda basis, operator, target: direct(torch.einsum("br...,rc->bc...", basis, operator), target)
     if loss == "triton":
         from headzoo.heads.chunked_triton import triton_chunked_dc_and_ce_loss
+
         return triton_chunked_dc_and_ce_loss
     return lambda basis, operator, target: chunked_dc_and_ce_loss(basis, operator, target, chunk)
 
@@ -94,9 +96,15 @@ def time_row(fn, inputs, device, warmup: int, repeats: int) -> dict:
             forward.append(forward_time.seconds)
             backward.append(backward_time.seconds)
     total = np.add(forward, backward)
-    return {"forward_s": float(np.median(forward)), "backward_s": float(np.median(backward)),
-            "total_s": float(np.median(total)), "total_p20_s": float(np.percentile(total, 20)),
-            "total_p80_s": float(np.percentile(total, 80)), "repeats": repeats, "warmup": warmup}
+    return {
+        "forward_s": float(np.median(forward)),
+        "backward_s": float(np.median(backward)),
+        "total_s": float(np.median(total)),
+        "total_p20_s": float(np.percentile(total, 20)),
+        "total_p80_s": float(np.percentile(total, 80)),
+        "repeats": repeats,
+        "warmup": warmup,
+    }
 
 
 def memory_row(fn, inputs, device) -> dict:
@@ -107,12 +115,14 @@ def memory_row(fn, inputs, device) -> dict:
             if with_backward:
                 loss.backward()
         return measurement.peak_bytes
+
     return {"forward_peak_bytes": peak(False), "total_peak_bytes": peak(True)}
 
 
 def estimated_memory_row(fn, classes: int, patch: int) -> dict:
     """memory_row on fake CPU tensors: the same loss code and MemTracker, no allocation (headzoo estimate)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode():
         return memory_row(fn, make_inputs(classes, patch, torch.device("cpu")), torch.device("cpu"))
 
@@ -130,27 +140,51 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=OUT / "loss_profile.jsonl",
-                        help="the records (JSON lines); the table goes beside it as .md")
-    parser.add_argument("--estimate-patches", type=int, nargs="*", default=[],
-                        help="patch edges whose rows are estimated (fake tensors), not run")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUT / "loss_profile.jsonl",
+        help="the records (JSON lines); the table goes beside it as .md",
+    )
+    parser.add_argument(
+        "--estimate-patches",
+        type=int,
+        nargs="*",
+        default=[],
+        help="patch edges whose rows are estimated (fake tensors), not run",
+    )
     args = parser.parse_args()
     read_records(args.out)  # a file this cannot merge into fails now, not after the runs
     device = torch.device(args.device)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
 
-    jobs = [(section, "direct" if chunk is None else "chunked", classes, chunk, patch)
-            for section, classes, chunk, patch in sections(args)]
+    jobs = [
+        (section, "direct" if chunk is None else "chunked", classes, chunk, patch)
+        for section, classes, chunk, patch in sections(args)
+    ]
     if device.type == "cuda" and triton_imports():  # the fused loss beside each direct row
-        jobs += [(section, "triton", classes, None, patch) for section, loss, classes, _, patch in jobs
-                 if loss == "direct"]
+        jobs += [
+            (section, "triton", classes, None, patch) for section, loss, classes, _, patch in jobs if loss == "direct"
+        ]
     rows = []
     for section, loss, classes, chunk, patch in jobs:
-        row = {"section": section, "loss": loss, "classes": classes,
-               "chunk": chunk, "patch": patch, "batch": BATCH, "rank": RANK, "device_name": device_name,
-               "torch": torch.__version__, "status": "ok"}
-        logits_bytes = BATCH * classes * patch ** 3 * 4
+        row = {
+            "section": section,
+            "loss": loss,
+            "classes": classes,
+            "chunk": chunk,
+            "patch": patch,
+            "batch": BATCH,
+            "rank": RANK,
+            "device_name": device_name,
+            "torch": torch.__version__,
+            "status": "ok",
+        }
+        logits_bytes = BATCH * classes * patch**3 * 4
         too_big = loss == "direct" and DIRECT_COPIES * logits_bytes > available_bytes(device)
         if loss != "triton" and (too_big or patch in args.estimate_patches):
             row.update(estimated_memory_row(loss_function(loss, chunk), classes, patch))
@@ -168,8 +202,13 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         rows.append(row)
-        print({k: row.get(k) for k in ("section", "loss", "classes", "chunk", "patch", "total_s",
-                                        "total_peak_bytes", "status")}, flush=True)
+        print(
+            {
+                k: row.get(k)
+                for k in ("section", "loss", "classes", "chunk", "patch", "total_s", "total_peak_bytes", "status")
+            },
+            flush=True,
+        )
     write(rows, args.out)
 
 
@@ -178,8 +217,9 @@ def read_records(path: Path) -> list[dict]:
     rows = []
     for number, row in json_lines(path):
         if not isinstance(row, dict) or any(k not in row for k in (*KEY, "status")):
-            raise HeadzooError(f"{path}:{number} is not a loss-profile row (an object with {', '.join(KEY)} and "
-                               "status)")
+            raise HeadzooError(
+                f"{path}:{number} is not a loss-profile row (an object with {', '.join(KEY)} and status)"
+            )
         rows.append(row)
     return rows
 
@@ -192,8 +232,10 @@ def read_table(path: Path) -> pd.DataFrame:
 def write(new: list[dict], out: Path) -> None:
     """Merge into the records file (a new row replaces the old row with its key; an estimate never replaces a
     measured row), then render the markdown beside it."""
+
     def key(row: dict) -> tuple:
         return tuple(row.get(k) for k in KEY)
+
     old = read_records(out)
     measured_keys = {key(r) for r in old if r["status"] == "ok"}
     new = [r for r in new if not (r["status"] == "estimate" and key(r) in measured_keys)]
@@ -204,44 +246,54 @@ def write(new: list[dict], out: Path) -> None:
 
 
 def render(table: pd.DataFrame) -> str:
-    lines = ["# Loss profile (chunked-basis-head paper, Table 4)", "",
-             "Loss only (B → loss → ∂B, ∂E), batch 2, R 32; times are medians after warm-up; memory is the peak",
-             "of live tensors including the inputs (CPU: torch MemTracker; CUDA: allocator peak). `×direct` is the",
-             "chunked value over the direct loss's (materialised logits + nnU-Net's DC_and_CE_loss) in the same run.",
-             "Generated by `benchmarks/loss_profile.py`; a row missing from a device's table was not run there",
-             "(on the 2-core CPU, 192³ takes several minutes per chunked iteration). Rows marked *estimate* were not",
-             "run: their memory is the same loss code on fake tensors under the same MemTracker (`headzoo estimate`,",
-             "equal to the measured peak wherever both exist; a tensor-level lower bound on a GPU), without times.", ""]
+    lines = [
+        "# Loss profile (chunked-basis-head paper, Table 4)",
+        "",
+        "Loss only (B → loss → ∂B, ∂E), batch 2, R 32; times are medians after warm-up; memory is the peak",
+        "of live tensors including the inputs (CPU: torch MemTracker; CUDA: allocator peak). `×direct` is the",
+        "chunked value over the direct loss's (materialised logits + nnU-Net's DC_and_CE_loss) in the same run.",
+        "Generated by `benchmarks/loss_profile.py`; a row missing from a device's table was not run there",
+        "(on the 2-core CPU, 192³ takes several minutes per chunked iteration). Rows marked *estimate* were not",
+        "run: their memory is the same loss code on fake tensors under the same MemTracker (`headzoo estimate`,",
+        "equal to the measured peak wherever both exist; a tensor-level lower bound on a GPU), without times.",
+        "",
+    ]
     for device_name, by_device in table.groupby("device_name", sort=True):
         lines += [f"## {device_name}", ""]
         for section, rows in by_device.groupby("section", sort=False):
-            lines += [f"### {section}", "",
-                      "| loss | C | chunk | patch | total s | fwd s | bwd s | fwd peak MiB | total peak MiB | "
-                      "time ×direct | memory ×direct | runs |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"### {section}",
+                "",
+                "| loss | C | chunk | patch | total s | fwd s | bwd s | fwd peak MiB | total peak MiB | "
+                "time ×direct | memory ×direct | runs |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for _, r in rows.iterrows():
                 direct = rows[(rows.loss == "direct") & (rows.classes == r.classes) & (rows.patch == r.patch)]
                 if r.status == "estimate":
                     ratio_m = ""
                     if r.loss != "direct" and len(direct) and direct.iloc[0].status in ("ok", "estimate"):
                         ratio_m = f"{r.total_peak_bytes / direct.iloc[0].total_peak_bytes:.3f}"
-                    lines.append(f"| {r.loss} | {r.classes} | {fmt_chunk(r)} | {r.patch}³ | *estimate* | | | "
-                                 f"{r.forward_peak_bytes / 2**20:.1f} | {r.total_peak_bytes / 2**20:.1f} | | "
-                                 f"{ratio_m} | |")
+                    lines.append(
+                        f"| {r.loss} | {r.classes} | {fmt_chunk(r)} | {r.patch}³ | *estimate* | | | "
+                        f"{r.forward_peak_bytes / 2**20:.1f} | {r.total_peak_bytes / 2**20:.1f} | | "
+                        f"{ratio_m} | |"
+                    )
                     continue
                 if r.status != "ok":
-                    lines.append(f"| {r.loss} | {r.classes} | {fmt_chunk(r)} | {r.patch}³ | {r.status} "
-                                 "| | | | | | | |")
+                    lines.append(f"| {r.loss} | {r.classes} | {fmt_chunk(r)} | {r.patch}³ | {r.status} | | | | | | | |")
                     continue
                 ratio_t = ratio_m = ""
                 if r.loss != "direct" and len(direct) and direct.iloc[0].status == "ok":
                     ratio_t = f"{r.total_s / direct.iloc[0].total_s:.2f}"
                 if r.loss != "direct" and len(direct) and direct.iloc[0].status in ("ok", "estimate"):
                     ratio_m = f"{r.total_peak_bytes / direct.iloc[0].total_peak_bytes:.3f}"
-                lines.append(f"| {r.loss} | {r.classes} | {fmt_chunk(r)} | {r.patch}³ | {r.total_s:.3f} | "
-                             f"{r.forward_s:.3f} | {r.backward_s:.3f} | {r.forward_peak_bytes / 2**20:.1f} | "
-                             f"{r.total_peak_bytes / 2**20:.1f} | {ratio_t} | {ratio_m} | "
-                             f"{int(r.repeats)}+{int(r.warmup)} |")
+                lines.append(
+                    f"| {r.loss} | {r.classes} | {fmt_chunk(r)} | {r.patch}³ | {r.total_s:.3f} | "
+                    f"{r.forward_s:.3f} | {r.backward_s:.3f} | {r.forward_peak_bytes / 2**20:.1f} | "
+                    f"{r.total_peak_bytes / 2**20:.1f} | {ratio_t} | {ratio_m} | "
+                    f"{int(r.repeats)}+{int(r.warmup)} |"
+                )
             lines.append("")
     return "\n".join(lines)
 

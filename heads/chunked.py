@@ -4,6 +4,7 @@ The chunked-basis paper (Jaubert et al., MIDL 2026) §2.2–2.3: a 1×1×1 conv 
 learnable operator E (R × C) gives the logits of any class range as Eᵀ·B. The loss streams over
 class chunks and keeps only per-voxel and per-class vectors, never a b×C×S tensor.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,21 @@ def _target_terms(e: Tensor, x: Tensor, y: Tensor, lse: Tensor, ones: Tensor, b:
     return log_p_target, p_target, intersect, sum_gt
 
 
-def _dice_pass(e: Tensor, x: Tensor, lse: Tensor, weight: Tensor | None, intersect: Tensor, sum_gt: Tensor,
-               chunk: int, b: int, batch_dice: bool, smooth: float, first: int, count: int, gather: bool):
+def _dice_pass(
+    e: Tensor,
+    x: Tensor,
+    lse: Tensor,
+    weight: Tensor | None,
+    intersect: Tensor,
+    sum_gt: Tensor,
+    chunk: int,
+    b: int,
+    batch_dice: bool,
+    smooth: float,
+    first: int,
+    count: int,
+    gather: bool,
+):
     """One pass over class chunks: P_c, the Dice sum, and ∂(−mean Dice)/∂p_cv = m_v (a_c·[y_v = c] + β_c)
     as a_c, β_c (zero for excluded classes and clamped denominators) and Σ_c β_c p_cv per voxel.
     gather: P_c summed over the process group, chunk by chunk, before β_c needs it."""
@@ -68,7 +82,7 @@ def _dice_pass(e: Tensor, x: Tensor, lse: Tensor, weight: Tensor | None, interse
         dice_sum += (numerator / denominator * included).sum()
         live = (raw > 1e-8).to(x.dtype) * included
         a[..., start:stop] = -2 / (count * denominator) * live
-        beta[..., start:stop] = numerator / (count * denominator ** 2) * live
+        beta[..., start:stop] = numerator / (count * denominator**2) * live
         if batch_dice:
             p_beta += beta[start:stop] @ p
         else:
@@ -98,8 +112,20 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, basis: Tensor, operator: Tensor, target: Tensor, chunk: int, batch_dice: bool, do_bg: bool,
-                smooth: float, weight_ce: float, weight_dice: float, ignore_label: int | None, ddp: bool) -> Tensor:
+    def forward(
+        ctx,
+        basis: Tensor,
+        operator: Tensor,
+        target: Tensor,
+        chunk: int,
+        batch_dice: bool,
+        do_bg: bool,
+        smooth: float,
+        weight_ce: float,
+        weight_dice: float,
+        ignore_label: int | None,
+        ddp: bool,
+    ) -> Tensor:
         b = basis.shape[0]
         num_classes = operator.shape[1]
         dtype = torch.promote_types(basis.dtype, operator.dtype)
@@ -124,14 +150,14 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         ce_coefficient = weight_ce / num_valid
         first = 0 if do_bg else 1
         count = (num_classes - first) * (1 if batch_dice else b)
-        dice_sum, a, beta, p_beta = _dice_pass(e, x, lse, weight, intersect, sum_gt, chunk, b, batch_dice, smooth,
-                                               first, count, gather)
+        dice_sum, a, beta, p_beta = _dice_pass(
+            e, x, lse, weight, intersect, sum_gt, chunk, b, batch_dice, smooth, first, count, gather
+        )
         loss = weight_ce * ce - weight_dice * dice_sum / count
 
         if batch_dice:
             a, beta = a.expand(b, num_classes), beta.expand(b, num_classes)
-        ctx.save_for_backward(x, e, y, lse, p_target, weight, a.contiguous(), beta.contiguous(), p_beta,
-                              ce_coefficient)
+        ctx.save_for_backward(x, e, y, lse, p_target, weight, a.contiguous(), beta.contiguous(), p_beta, ce_coefficient)
         ctx.settings = (basis.shape, basis.dtype, operator.dtype, chunk, weight_dice, gather)
         return loss.to(basis.dtype)
 
@@ -157,8 +183,9 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         for start, stop in chunks(num_classes, chunk):
             p = probabilities(e, x, start, stop, lse, weight)
             grad_z = p * per_voxel
-            grad_z.view(stop - start, b, voxels).addcmul_(p.view(stop - start, b, voxels),
-                                                          per_class[:, start:stop].T.unsqueeze(-1))
+            grad_z.view(stop - start, b, voxels).addcmul_(
+                p.view(stop - start, b, voxels), per_class[:, start:stop].T.unsqueeze(-1)
+            )
             grad_x.addmm_(e[:, start:stop], grad_z)
             torch.mm(x, grad_z.T, out=grad_e[:, start:stop])
         target_term = ones * (g_dice * weight_dice * a_target * p_target - g * ce_coefficient)
@@ -169,10 +196,19 @@ class ChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         return grad_basis, grad_e.to(operator_dtype), None, None, None, None, None, None, None, None, None
 
 
-def chunked_dc_and_ce_loss(basis: Tensor, operator: Tensor, target: Tensor, chunk: int = 30,
-                           batch_dice: bool = True, do_bg: bool = False, smooth: float = 1e-5,
-                           weight_ce: float = 1.0, weight_dice: float = 1.0,
-                           ignore_label: int | None = None, ddp: bool = False) -> Tensor:
+def chunked_dc_and_ce_loss(
+    basis: Tensor,
+    operator: Tensor,
+    target: Tensor,
+    chunk: int = 30,
+    batch_dice: bool = True,
+    do_bg: bool = False,
+    smooth: float = 1e-5,
+    weight_ce: float = 1.0,
+    weight_dice: float = 1.0,
+    ignore_label: int | None = None,
+    ddp: bool = False,
+) -> Tensor:
     """The exact nnU-Net Dice + CE loss of logits Eᵀ·basis, never holding b×C×S.
 
     Under nnU-Net's autocast it runs in fp32 with autocast off for the tensors' own device (the forward
@@ -180,8 +216,9 @@ def chunked_dc_and_ce_loss(basis: Tensor, operator: Tensor, target: Tensor, chun
     outside autocast. Named by device rather than fixed to CUDA, so an autocast emulated on the CPU
     (headzoo.cuda_autocast) is switched off here as CUDA's is on a GPU."""
     with torch.autocast(basis.device.type, enabled=False):
-        return ChunkedSoftmaxDiceCELoss.apply(basis, operator, target, chunk, batch_dice, do_bg, smooth,
-                                              weight_ce, weight_dice, ignore_label, ddp)
+        return ChunkedSoftmaxDiceCELoss.apply(
+            basis, operator, target, chunk, batch_dice, do_bg, smooth, weight_ce, weight_dice, ignore_label, ddp
+        )
 
 
 def _triton_kernels():
@@ -204,8 +241,10 @@ def _triton_imports() -> bool:
 
 
 def _cpu_triton_error() -> HeadzooError:
-    return HeadzooError("kernel=triton runs on CUDA tensors, or on the CPU under Triton's interpreter: "
-                        "set TRITON_INTERPRET=1 before headzoo starts")
+    return HeadzooError(
+        "kernel=triton runs on CUDA tensors, or on the CPU under Triton's interpreter: "
+        "set TRITON_INTERPRET=1 before headzoo starts"
+    )
 
 
 class ChunkedHead(Head):
@@ -220,10 +259,21 @@ class ChunkedHead(Head):
 
     variants = ({"rank": 3, "chunk": 4},)
 
-    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
-                 ignore_label: int | None = None, rank: int | None = None, chunk: int = 30, do_bg: bool = False,
-                 smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0, kernel: str = "torch",
-                 ddp: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        batch_dice: bool = False,
+        ignore_label: int | None = None,
+        rank: int | None = None,
+        chunk: int = 30,
+        do_bg: bool = False,
+        smooth: float = 1e-5,
+        weight_ce: float = 1.0,
+        weight_dice: float = 1.0,
+        kernel: str = "torch",
+        ddp: bool = False,
+    ):
         super().__init__(in_channels, num_classes, batch_dice, ignore_label)
         if kernel not in ("torch", "triton", "auto"):
             raise HeadzooError(f"kernel must be torch, triton or auto, got '{kernel}'")
@@ -239,8 +289,15 @@ class ChunkedHead(Head):
             check_option(name, value, value >= 0, "at least 0")
         check_option("ddp", ddp, not ddp or in_process_group(), "false outside a torch.distributed process group")
         self.rank, self.chunk = rank, chunk
-        self.loss_settings = dict(batch_dice=batch_dice, do_bg=do_bg, smooth=smooth, weight_ce=weight_ce,
-                                  weight_dice=weight_dice, ignore_label=ignore_label, ddp=ddp)
+        self.loss_settings = dict(
+            batch_dice=batch_dice,
+            do_bg=do_bg,
+            smooth=smooth,
+            weight_ce=weight_ce,
+            weight_dice=weight_dice,
+            ignore_label=ignore_label,
+            ddp=ddp,
+        )
         self.basis = nn.Conv3d(in_channels, rank, kernel_size=1)
         self.operator = nn.Parameter(torch.randn(rank, num_classes) / math.sqrt(rank))
 
@@ -250,8 +307,7 @@ class ChunkedHead(Head):
     def loss(self, output: Tensor, target: Tensor, annotated: Tensor | None = None) -> Tensor:
         self.check_target(output, target, annotated)
         if self._uses_triton(output):
-            return _triton_kernels().triton_chunked_dc_and_ce_loss(output, self.operator, target,
-                                                                   **self.loss_settings)
+            return _triton_kernels().triton_chunked_dc_and_ce_loss(output, self.operator, target, **self.loss_settings)
         return chunked_dc_and_ce_loss(output, self.operator, target, self.chunk, **self.loss_settings)
 
     def _uses_triton(self, output: Tensor) -> bool:

@@ -35,6 +35,7 @@ compiles the kernels ahead of time for sm_90 on a CPU and reads ``ptxas -v``; ra
 Triton decides at import time whether kernels compile for the GPU or run in its CPU interpreter:
 ``TRITON_INTERPRET=1`` must be set before this module is imported for CPU tensors to work.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,16 +65,18 @@ def _basis_tile(x_ptr, sample, offs_v, S, R, BLOCK_R: tl.constexpr):
     """xᵀ of one voxel block of one sample, (BLOCK_V, BLOCK_R), zero beyond S and R."""
     offs_r = tl.arange(0, BLOCK_R)
     base = x_ptr + sample.to(tl.int64) * R * S
-    return tl.load(base + offs_r[None, :] * S + offs_v[:, None],
-                   mask=(offs_v[:, None] < S) & (offs_r[None, :] < R), other=0.0)
+    return tl.load(
+        base + offs_r[None, :] * S + offs_v[:, None], mask=(offs_v[:, None] < S) & (offs_r[None, :] < R), other=0.0
+    )
 
 
 @triton.jit
 def _operator_tile(e_ptr, offs_c, R, C, BLOCK_R: tl.constexpr):
     """E's columns offs_c, (BLOCK_R, BLOCK_C), zero beyond R and C."""
     offs_r = tl.arange(0, BLOCK_R)
-    return tl.load(e_ptr + offs_r[:, None] * C + offs_c[None, :],
-                   mask=(offs_r[:, None] < R) & (offs_c[None, :] < C), other=0.0)
+    return tl.load(
+        e_ptr + offs_r[:, None] * C + offs_c[None, :], mask=(offs_r[:, None] < R) & (offs_c[None, :] < C), other=0.0
+    )
 
 
 @triton.jit
@@ -108,9 +111,21 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
 
 
 @triton.jit
-def _lse_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, target_logit_ptr, S, R, C, BLOCK_V: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST_BF16: tl.constexpr):
+def _lse_kernel(
+    x_ptr,
+    e_ptr,
+    y_ptr,
+    lse_ptr,
+    target_logit_ptr,
+    S,
+    R,
+    C,
+    BLOCK_V: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+):
     block, sample = tl.program_id(0), tl.program_id(1)
     offs_v = block * BLOCK_V + tl.arange(0, BLOCK_V)
     xt = _basis_tile(x_ptr, sample, offs_v, S, R, BLOCK_R)
@@ -132,9 +147,22 @@ def _lse_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, target_logit_ptr, S, R, C, BLOCK_V
 
 
 @triton.jit
-def _class_sums_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, sums_ptr, S, R, C, splits, BLOCK_V: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-                       UPCAST_BF16: tl.constexpr):
+def _class_sums_kernel(
+    x_ptr,
+    e_ptr,
+    y_ptr,
+    lse_ptr,
+    sums_ptr,
+    S,
+    R,
+    C,
+    splits,
+    BLOCK_V: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+):
     """sums[k, sample, split, c] for k = (Σ m·p, Σ m·p·[y = c], Σ m·[y = c]) over the split's voxel blocks."""
     tile, split, sample = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -159,9 +187,23 @@ def _class_sums_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, sums_ptr, S, R, C, splits, 
 
 
 @triton.jit
-def _dice_slope_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, a_ptr, beta_ptr, t_ptr, S, R, C, BLOCK_V: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-                       UPCAST_BF16: tl.constexpr):
+def _dice_slope_kernel(
+    x_ptr,
+    e_ptr,
+    y_ptr,
+    lse_ptr,
+    a_ptr,
+    beta_ptr,
+    t_ptr,
+    S,
+    R,
+    C,
+    BLOCK_V: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+):
     """t_v = Σ_c m·p_cv (β_c + a_c·[y_v = c]) = Σ_c p_cv ∂L_dice/∂p_cv, with a, β of the voxel's sample."""
     block, sample = tl.program_id(0), tl.program_id(1)
     offs_v = block * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -179,10 +221,25 @@ def _dice_slope_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, a_ptr, beta_ptr, t_ptr, S, 
 
 
 @triton.jit
-def _grad_basis_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, per_voxel_ptr, per_class_ptr, target_slope_ptr,
-                       target_offset_ptr, grad_x_ptr, S, R, C, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-                       UPCAST_BF16: tl.constexpr):
+def _grad_basis_kernel(
+    x_ptr,
+    e_ptr,
+    y_ptr,
+    lse_ptr,
+    per_voxel_ptr,
+    per_class_ptr,
+    target_slope_ptr,
+    target_offset_ptr,
+    grad_x_ptr,
+    S,
+    R,
+    C,
+    BLOCK_V: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+):
     block, sample = tl.program_id(0), tl.program_id(1)
     offs_v = block * BLOCK_V + tl.arange(0, BLOCK_V)
     xt = _basis_tile(x_ptr, sample, offs_v, S, R, BLOCK_R)
@@ -196,20 +253,38 @@ def _grad_basis_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, per_voxel_ptr, per_class_pt
         p = _masked_probabilities(_dot(xt, e, PRECISION, UPCAST_BF16), lse, valid_v, offs_c, C)
         per_class = tl.load(per_class_ptr + sample * C + offs_c, mask=offs_c < C, other=0.0)
         target_slope = tl.load(target_slope_ptr + sample * C + offs_c, mask=offs_c < C, other=0.0)
-        grad_z = _logit_gradient(p, offs_c[None, :] == y[:, None], per_voxel, per_class, target_slope,
-                                 target_offset)
+        grad_z = _logit_gradient(p, offs_c[None, :] == y[:, None], per_voxel, per_class, target_slope, target_offset)
         grad_xt += _dot(grad_z.to(e.dtype), tl.trans(e), PRECISION, UPCAST_BF16)
     offs_r = tl.arange(0, BLOCK_R)
     base = grad_x_ptr + sample.to(tl.int64) * R * S
-    tl.store(base + offs_r[None, :] * S + offs_v[:, None], grad_xt.to(grad_x_ptr.dtype.element_ty),
-             mask=(offs_v[:, None] < S) & (offs_r[None, :] < R))
+    tl.store(
+        base + offs_r[None, :] * S + offs_v[:, None],
+        grad_xt.to(grad_x_ptr.dtype.element_ty),
+        mask=(offs_v[:, None] < S) & (offs_r[None, :] < R),
+    )
 
 
 @triton.jit
-def _grad_operator_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, per_voxel_ptr, per_class_ptr, target_slope_ptr,
-                          target_offset_ptr, partial_ptr, S, R, C, splits, BLOCK_V: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-                          UPCAST_BF16: tl.constexpr):
+def _grad_operator_kernel(
+    x_ptr,
+    e_ptr,
+    y_ptr,
+    lse_ptr,
+    per_voxel_ptr,
+    per_class_ptr,
+    target_slope_ptr,
+    target_offset_ptr,
+    partial_ptr,
+    S,
+    R,
+    C,
+    splits,
+    BLOCK_V: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+):
     """partial[sample, split, :, c] = Σ_v x_v ∂z_cv over the split's voxel blocks of one sample."""
     tile, split, sample = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -224,16 +299,16 @@ def _grad_operator_kernel(x_ptr, e_ptr, y_ptr, lse_ptr, per_voxel_ptr, per_class
         y, valid_v, lse = _voxel_block(y_ptr, lse_ptr, sample, offs_v, S)
         per_voxel = tl.load(per_voxel_ptr + sample.to(tl.int64) * S + offs_v, mask=offs_v < S, other=0.0)
         p = _masked_probabilities(_dot(xt, e, PRECISION, UPCAST_BF16), lse, valid_v, offs_c, C)
-        grad_z = _logit_gradient(p, offs_c[None, :] == y[:, None], per_voxel, per_class, target_slope,
-                                 target_offset)
+        grad_z = _logit_gradient(p, offs_c[None, :] == y[:, None], per_voxel, per_class, target_slope, target_offset)
         grad_e += _dot(tl.trans(xt), grad_z.to(xt.dtype), PRECISION, UPCAST_BF16)
     offs_r = tl.arange(0, BLOCK_R)
     base = partial_ptr + (sample * splits + split).to(tl.int64) * R * C
     tl.store(base + offs_r[:, None] * C + offs_c[None, :], grad_e, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
 
 
-def _dice_terms(intersect: Tensor, sum_p: Tensor, sum_gt: Tensor, do_bg: bool, smooth: float,
-                count: int) -> tuple[Tensor, Tensor, Tensor]:
+def _dice_terms(
+    intersect: Tensor, sum_p: Tensor, sum_gt: Tensor, do_bg: bool, smooth: float, count: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Σ_c dice_c and the slopes of −mean dice: ∂/∂p_cv = m_v (a_c·[y_v = c] + β_c), as the torch path has them."""
     raw = sum_gt + sum_p + smooth
     denominator = raw.clamp_min(1e-8)
@@ -241,7 +316,7 @@ def _dice_terms(intersect: Tensor, sum_p: Tensor, sum_gt: Tensor, do_bg: bool, s
     included = (torch.arange(raw.shape[-1], device=raw.device) >= (0 if do_bg else 1)).to(raw.dtype)
     live = (raw > 1e-8).to(raw.dtype) * included
     dice_sum = (numerator / denominator * included).sum()
-    return dice_sum, -2 / (count * denominator) * live, numerator / (count * denominator ** 2) * live
+    return dice_sum, -2 / (count * denominator) * live, numerator / (count * denominator**2) * live
 
 
 def _voxel_splits(class_tiles: int, samples: int, voxel_blocks: int, device: torch.device) -> int:
@@ -257,9 +332,22 @@ class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # as the torch path, under autocast
-    def forward(ctx, basis: Tensor, operator: Tensor, target: Tensor, batch_dice: bool, do_bg: bool, smooth: float,
-                weight_ce: float, weight_dice: float, ignore_label: int | None, ddp: bool, block_voxels: int,
-                block_classes: int, voxel_splits: int | None) -> Tensor:
+    def forward(
+        ctx,
+        basis: Tensor,
+        operator: Tensor,
+        target: Tensor,
+        batch_dice: bool,
+        do_bg: bool,
+        smooth: float,
+        weight_ce: float,
+        weight_dice: float,
+        ignore_label: int | None,
+        ddp: bool,
+        block_voxels: int,
+        block_classes: int,
+        voxel_splits: int | None,
+    ) -> Tensor:
         dtype = torch.promote_types(basis.dtype, operator.dtype)
         x = basis.detach().to(dtype).contiguous()
         e = operator.detach().to(dtype).contiguous()
@@ -271,9 +359,14 @@ class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
             y = torch.where(y == ignore_label, -1, y)
         class_tiles, voxel_blocks = triton.cdiv(num_classes, block_classes), triton.cdiv(voxels, block_voxels)
         splits = voxel_splits or _voxel_splits(class_tiles, b, voxel_blocks, x.device)
-        blocks = dict(BLOCK_V=block_voxels, BLOCK_C=block_classes, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                      PRECISION=dot_precision(dtype),
-                      UPCAST_BF16=INTERPRETED and dtype == torch.bfloat16, num_warps=NUM_WARPS)
+        blocks = dict(
+            BLOCK_V=block_voxels,
+            BLOCK_C=block_classes,
+            BLOCK_R=max(16, triton.next_power_of_2(rank)),
+            PRECISION=dot_precision(dtype),
+            UPCAST_BF16=INTERPRETED and dtype == torch.bfloat16,
+            num_warps=NUM_WARPS,
+        )
 
         lse = torch.empty(b * voxels, device=x.device, dtype=torch.float32)
         target_logit = torch.empty_like(lse)
@@ -321,21 +414,46 @@ class TritonChunkedSoftmaxDiceCELoss(torch.autograd.Function):
         gradient_terms = (per_voxel, per_class, target_slope, target_offset)
 
         grad_x = torch.empty_like(x)
-        _grad_basis_kernel[(voxel_blocks, b)](x, e, y, lse, *gradient_terms, grad_x, voxels, rank, num_classes,
-                                              **blocks)
+        _grad_basis_kernel[(voxel_blocks, b)](
+            x, e, y, lse, *gradient_terms, grad_x, voxels, rank, num_classes, **blocks
+        )
         partial = torch.empty(b, splits, rank, num_classes, device=x.device, dtype=torch.float32)
-        _grad_operator_kernel[(class_tiles, splits, b)](x, e, y, lse, *gradient_terms, partial, voxels, rank,
-                                                        num_classes, splits, **blocks)
+        _grad_operator_kernel[(class_tiles, splits, b)](
+            x, e, y, lse, *gradient_terms, partial, voxels, rank, num_classes, splits, **blocks
+        )
         grad_e = partial.sum((0, 1))
-        return (grad_x.to(basis_dtype), grad_e.to(operator_dtype), None, None, None, None, None, None, None, None,
-                None, None, None)
+        return (
+            grad_x.to(basis_dtype),
+            grad_e.to(operator_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def triton_chunked_dc_and_ce_loss(basis: Tensor, operator: Tensor, target: Tensor, batch_dice: bool = True,
-                                  do_bg: bool = False, smooth: float = 1e-5, weight_ce: float = 1.0,
-                                  weight_dice: float = 1.0, ignore_label: int | None = None, ddp: bool = False,
-                                  block_voxels: int = 64, block_classes: int = 64,
-                                  voxel_splits: int | None = None) -> Tensor:
+def triton_chunked_dc_and_ce_loss(
+    basis: Tensor,
+    operator: Tensor,
+    target: Tensor,
+    batch_dice: bool = True,
+    do_bg: bool = False,
+    smooth: float = 1e-5,
+    weight_ce: float = 1.0,
+    weight_dice: float = 1.0,
+    ignore_label: int | None = None,
+    ddp: bool = False,
+    block_voxels: int = 64,
+    block_classes: int = 64,
+    voxel_splits: int | None = None,
+) -> Tensor:
     """``chunked_dc_and_ce_loss`` by fused Triton kernels: logits Eᵀ·basis are tiles in registers only.
 
     block_voxels and block_classes (powers of two, at least 16) are the tile; voxel_splits how many
@@ -343,8 +461,21 @@ def triton_chunked_dc_and_ce_loss(basis: Tensor, operator: Tensor, target: Tenso
     """
     for name, block in (("block_voxels", block_voxels), ("block_classes", block_classes)):
         if block < MIN_BLOCK or block & (block - 1):
-            raise HeadzooError(f"{name} must be a power of two of at least {MIN_BLOCK} (tl.dot's smallest tile on a "
-                               f"GPU), got {block}")
-    return TritonChunkedSoftmaxDiceCELoss.apply(basis, operator, target, batch_dice, do_bg, smooth, weight_ce,
-                                                weight_dice, ignore_label, ddp, block_voxels, block_classes,
-                                                voxel_splits)
+            raise HeadzooError(
+                f"{name} must be a power of two of at least {MIN_BLOCK} (tl.dot's smallest tile on a GPU), got {block}"
+            )
+    return TritonChunkedSoftmaxDiceCELoss.apply(
+        basis,
+        operator,
+        target,
+        batch_dice,
+        do_bg,
+        smooth,
+        weight_ce,
+        weight_dice,
+        ignore_label,
+        ddp,
+        block_voxels,
+        block_classes,
+        voxel_splits,
+    )

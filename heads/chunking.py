@@ -1,6 +1,7 @@
 """Streaming over class chunks, shared by the compact heads (chunked, sigmoid rank=R): the logits of a
 class range are Eᵀ·B for a basis B (b, R, *spatial) and an operator E (R, C), so no helper here ever
 holds more than one chunk's logits per voxel."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ def chunked_logsumexp(operator: Tensor, x: Tensor, chunk: int) -> Tensor:
     return lse
 
 
-def probabilities(operator: Tensor, x: Tensor, start: int, stop: int, lse: Tensor,
-                  weight: Tensor | None = None) -> Tensor:
+def probabilities(
+    operator: Tensor, x: Tensor, start: int, stop: int, lse: Tensor, weight: Tensor | None = None
+) -> Tensor:
     """Softmax probabilities of classes [start, stop) for every voxel, (k, N), computed in place;
     zero at voxels whose `weight` is 0 (the ignore label)."""
     p = torch.mm(operator[:, start:stop].T, x).sub_(lse).exp_()

@@ -13,6 +13,7 @@ support, since faiss-cpu would copy every query batch to the host), else torch. 
 both install the ``faiss`` module) and sits beside torch's own CUDA runtime. On the CPU, FAISS is
 2–36× faster than torch (leaderboard/knn_backends.md); on a GPU the two have not been measured yet.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,10 @@ def _faiss():
         import faiss
         import faiss.contrib.torch_utils  # noqa: F401  (torch tensors in, torch tensors out)
     except ImportError as error:
-        raise HeadzooError("the knn head's FAISS backend needs FAISS: pip install faiss-cpu "
-                           "(or faiss-gpu on a CUDA machine), or pass --option knn_backend=torch") from error
+        raise HeadzooError(
+            "the knn head's FAISS backend needs FAISS: pip install faiss-cpu "
+            "(or faiss-gpu on a CUDA machine), or pass --option knn_backend=torch"
+        ) from error
     return faiss
 
 
@@ -118,8 +121,9 @@ class ClassIndex:
         queries = queries.detach().float().contiguous()
         if self._searcher == "torch":  # in blocks of queries, so the distance matrix never holds N×C
             rows = search_block_rows(len(self._classes), queries.device)
-            return torch.cat([torch.cdist(part, self._classes).topk(k, dim=1, largest=False).indices
-                              for part in queries.split(rows)])
+            return torch.cat(
+                [torch.cdist(part, self._classes).topk(k, dim=1, largest=False).indices for part in queries.split(rows)]
+            )
         if is_fake(queries):  # what FAISS's torch wrapper allocates: distances (n, k) fp32, then indices (n, k) int64
             torch.empty(len(queries), k, device=queries.device)
             return torch.empty(len(queries), k, device=queries.device, dtype=torch.long)
@@ -144,9 +148,19 @@ class KnnHead(Head):
 
     variants = ({"knn_backend": "torch"},)
 
-    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
-                 ignore_label: int | None = None, d: int | None = None, k: int | None = None, tau: float = 0.05,
-                 margin: float = 0.2, knn_backend: str = "auto", embedding_beta1: float = 0.95):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        batch_dice: bool = False,
+        ignore_label: int | None = None,
+        d: int | None = None,
+        k: int | None = None,
+        tau: float = 0.05,
+        margin: float = 0.2,
+        knn_backend: str = "auto",
+        embedding_beta1: float = 0.95,
+    ):
         """``batch_dice`` is unused (no Dice term); voxels labelled ``ignore_label`` are left out of the loss.
         ``d`` defaults to min(12, C) and ``k`` to min(7, C−1): C−1 other classes are all there are."""
         super().__init__(in_channels, num_classes, batch_dice, ignore_label)
@@ -182,8 +196,9 @@ class KnnHead(Head):
 
     def margin_regulariser(self, centroids: Tensor) -> Tensor:
         """(1/C) Σ_i max(0, m − min_{j≠i} ‖μ_i − μ_j‖), the nearest j found by the same search."""
-        nearest = knn_negatives(self.index.search(centroids, 2),
-                                torch.arange(self.num_classes, device=centroids.device))[:, 0]
+        nearest = knn_negatives(
+            self.index.search(centroids, 2), torch.arange(self.num_classes, device=centroids.device)
+        )[:, 0]
         distance = (centroids - centroids[nearest]).norm(dim=1)
         return F.relu(self.margin - distance).mean()
 
@@ -198,7 +213,7 @@ class KnnHead(Head):
             y = torch.where(keep, y, 0)
         k = min(self.k, self.num_classes - 1)
         negatives = knn_negatives(self.index.search(x, k + 1), y)
-        candidates = torch.cat([y[:, None], negatives], dim=1)           # target in slot 0
+        candidates = torch.cat([y[:, None], negatives], dim=1)  # target in slot 0
         logits = -(x.unsqueeze(1) - centroids[candidates]).pow(2).sum(-1) / self.tau
         if keep is None:
             classification = F.cross_entropy(logits, torch.zeros_like(y))
@@ -224,5 +239,6 @@ class KnnHead(Head):
 
     def configure_optimizer(self, lr: float, betas: tuple[float, float], weight_decay: float) -> list[dict]:
         """Class embeddings get their own group with higher momentum (ESSNet §3.3), the shared β2 and decay."""
-        return [{"params": [self.class_embeddings], "betas": (self.embedding_beta1, betas[1]),
-                 "weight_decay": weight_decay}]
+        return [
+            {"params": [self.class_embeddings], "betas": (self.embedding_beta1, betas[1]), "weight_decay": weight_decay}
+        ]

@@ -17,6 +17,7 @@ nnU-Net's ``AllGatherGrad``, as nnU-Net's ``ddp=True`` batch Dice does.
 Lin et al., *Focal Loss for Dense Object Detection*, ICCV 2017, https://arxiv.org/abs/1708.02002): every
 sigmoid starts at π, not 0.5. Off by default (MultiTalent initialises as nnU-Net does).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,9 @@ from headzoo.heads.chunked import in_process_group
 from headzoo.heads.chunking import chunked_max, chunks
 
 
-def sigmoid_class_loss(logits: Tensor, labels: Tensor, target: Tensor, annotated: Tensor,
-                       valid: Tensor | None = None, gather: bool = False) -> Tensor:
+def sigmoid_class_loss(
+    logits: Tensor, labels: Tensor, target: Tensor, annotated: Tensor, valid: Tensor | None = None, gather: bool = False
+) -> Tensor:
     """Eq. (2) for the classes `labels` (k,): logits (b, k, S), target (b, S), annotated (b, k) float. With
     `valid` (b, S) float, voxels where it is 0 (the ignore label) are left out: the BCE is each sample's mean
     over its valid voxels (as nnU-Net's DC_and_BCE_loss masks its BCE), and Dice counts only valid voxels.
@@ -50,6 +52,7 @@ def sigmoid_class_loss(logits: Tensor, labels: Tensor, target: Tensor, annotated
     denominator = (annotated * (p + onehot).sum(-1)).sum(0)
     if gather:
         from nnunetv2.utilities.ddp_allgather import AllGatherGrad
+
         intersect, denominator = AllGatherGrad.apply(intersect).sum(0), AllGatherGrad.apply(denominator).sum(0)
     return (annotated * bce).sum() - (2 * intersect / denominator.clamp_min(1e-7)).sum()
 
@@ -61,9 +64,17 @@ class SigmoidHead(Head):
 
     variants = ({"rank": 4, "chunk": 3},)
 
-    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
-                 ignore_label: int | None = None, rank: int | None = None, chunk: int = 30, ddp: bool = False,
-                 prior: float | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        batch_dice: bool = False,
+        ignore_label: int | None = None,
+        rank: int | None = None,
+        chunk: int = 30,
+        ddp: bool = False,
+        prior: float | None = None,
+    ):
         """``batch_dice`` is unused: MultiTalent's Dice is always over the batch (eq. 2); ``ddp``: over the
         batches of every process in the group."""
         super().__init__(in_channels, num_classes, batch_dice, ignore_label)
@@ -99,10 +110,11 @@ class SigmoidHead(Head):
         start, stop, _ = classes.indices(self.num_classes)
         first = max(start, 1)
         if self.rank is None:
-            foreground = output[:, first - 1:stop - 1]
+            foreground = output[:, first - 1 : stop - 1]
         else:
-            foreground = self._chunk_logits(output.flatten(2), first - 1, stop - 1, self.operator,
-                                            self.class_bias).view(output.shape[0], stop - first, *output.shape[2:])
+            foreground = self._chunk_logits(
+                output.flatten(2), first - 1, stop - 1, self.operator, self.class_bias
+            ).view(output.shape[0], stop - first, *output.shape[2:])
         if start == 0:
             return torch.cat([torch.zeros_like(output[:, :1]), foreground], 1)
         return foreground
@@ -121,13 +133,25 @@ class SigmoidHead(Head):
         flat = output.flatten(2)
         total = output.new_zeros(())
         for start, stop in chunks(self.num_classes - 1, self.chunk):
-            total = total + checkpoint(self._chunk_loss, flat, self.operator, self.class_bias, labels[start:stop],
-                                       y, mask[:, start:stop], valid, start, stop, use_reentrant=False)
+            total = total + checkpoint(
+                self._chunk_loss,
+                flat,
+                self.operator,
+                self.class_bias,
+                labels[start:stop],
+                y,
+                mask[:, start:stop],
+                valid,
+                start,
+                stop,
+                use_reentrant=False,
+            )
         return total
 
     def _chunk_loss(self, flat, operator, bias, labels, y, mask, valid, start, stop):
-        return sigmoid_class_loss(self._chunk_logits(flat, start, stop, operator, bias), labels, y, mask, valid,
-                                  self.ddp)
+        return sigmoid_class_loss(
+            self._chunk_logits(flat, start, stop, operator, bias), labels, y, mask, valid, self.ddp
+        )
 
     @torch.no_grad()
     def predict(self, output: Tensor) -> Tensor:

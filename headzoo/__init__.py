@@ -1,4 +1,5 @@
 """headzoo: segmentation heads for thousands of classes, side by side on one nnU-Net backbone."""
+
 from headzoo.paths import configure_nnunet_environment
 
 configure_nnunet_environment()  # before anything imports nnunetv2

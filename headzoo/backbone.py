@@ -4,6 +4,7 @@ nnU-Net ≥ 2.4 stores them): dynamic_network_architectures' ResidualEncoderUNet
 built from the plan by nnU-Net's own ``get_network_from_plans``, with its final 1×1×1 segmentation
 conv replaced by the head. Deep supervision is off: heads see only the full-resolution decoder output.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,17 +33,24 @@ def _resenc(features: list[int], blocks: list[int]) -> dict:
     n = len(features)
     return {
         "network_class_name": RESENC_CLASS,
-        "arch_kwargs": {"n_stages": n, "features_per_stage": features, "conv_op": None,
-                        "kernel_sizes": [[3, 3, 3]] * n, "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
-                        "n_blocks_per_stage": blocks, "n_conv_per_stage_decoder": [1] * (n - 1),
-                        **_CONV_KWARGS},
+        "arch_kwargs": {
+            "n_stages": n,
+            "features_per_stage": features,
+            "conv_op": None,
+            "kernel_sizes": [[3, 3, 3]] * n,
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+            "n_blocks_per_stage": blocks,
+            "n_conv_per_stage_decoder": [1] * (n - 1),
+            **_CONV_KWARGS,
+        },
         "_kw_requires_import": _REQUIRES_IMPORT,
     }
 
 
 STUNET_CLASS = "headzoo.stunet.STUNet"
-_STUNET_LAYERS = {k: _CONV_KWARGS[k] for k in ("conv_op", "conv_bias", "norm_op", "norm_op_kwargs", "nonlin",
-                                               "nonlin_kwargs")}
+_STUNET_LAYERS = {
+    k: _CONV_KWARGS[k] for k in ("conv_op", "conv_bias", "norm_op", "norm_op_kwargs", "nonlin", "nonlin_kwargs")
+}
 
 
 def stunet_architecture(base: int, blocks: int, patch: int) -> dict:
@@ -53,10 +61,14 @@ def stunet_architecture(base: int, blocks: int, patch: int) -> dict:
     downsamplings = min(5, int(math.log2(patch // 4)))
     return {
         "network_class_name": STUNET_CLASS,
-        "arch_kwargs": {"n_stages": 6, "features_per_stage": [base * m for m in (1, 2, 4, 8, 16, 16)],
-                        "n_blocks_per_stage": [blocks] * 6, "kernel_sizes": [[3, 3, 3]] * 6,
-                        "strides": [[1, 1, 1]] + [[2, 2, 2]] * downsamplings + [[1, 1, 1]] * (5 - downsamplings),
-                        **_STUNET_LAYERS},
+        "arch_kwargs": {
+            "n_stages": 6,
+            "features_per_stage": [base * m for m in (1, 2, 4, 8, 16, 16)],
+            "n_blocks_per_stage": [blocks] * 6,
+            "kernel_sizes": [[3, 3, 3]] * 6,
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * downsamplings + [[1, 1, 1]] * (5 - downsamplings),
+            **_STUNET_LAYERS,
+        },
         "_kw_requires_import": ["conv_op", "norm_op", "nonlin"],
     }
 
@@ -100,11 +112,12 @@ def check_patch(name: str, patch: tuple[int, ...], architecture: dict | None = N
     factors = downsampling(architecture or get_backbone(name)[0])
     text = "x".join(map(str, patch))
     if any(p % f for p, f in zip(patch, factors)):
-        raise HeadzooError(f"patch {text} must be divisible by {_edges_text(factors)} "
-                           f"for the '{name}' backbone")
+        raise HeadzooError(f"patch {text} must be divisible by {_edges_text(factors)} for the '{name}' backbone")
     if any(p < 2 * f for p, f in zip(patch, factors)):  # instance norm needs more than one voxel at the bottleneck
-        raise HeadzooError(f"patch {text} is too small for the '{name}' backbone: each edge must be at least "
-                           f"{_edges_text(tuple(2 * f for f in factors))}")
+        raise HeadzooError(
+            f"patch {text} is too small for the '{name}' backbone: each edge must be at least "
+            f"{_edges_text(tuple(2 * f for f in factors))}"
+        )
 
 
 class SegmentationNetwork(nn.Module):
@@ -126,8 +139,9 @@ def segmentation_layers(network: nn.Module) -> nn.ModuleList:
             return network.get_submodule(path)
         except AttributeError:
             pass
-    raise HeadzooError(f"{type(network).__name__} has neither decoder.seg_layers nor seg_outputs: "
-                       "headzoo cannot attach a head to it")
+    raise HeadzooError(
+        f"{type(network).__name__} has neither decoder.seg_layers nor seg_outputs: headzoo cannot attach a head to it"
+    )
 
 
 def build_network(architecture: dict, in_channels: int, seed: int | None = None) -> tuple[nn.Module, int]:
@@ -136,12 +150,19 @@ def build_network(architecture: dict, in_channels: int, seed: int | None = None)
     the same weights (None: torch's global generator, as nnU-Net's trainer builds it). The lower-resolution
     seg convs stay: no loss reaches them, but a run's peak memory has always counted their bytes."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                         architecture["_kw_requires_import"], in_channels, 1,
-                                         allow_init=True, deep_supervision=False)
+        network = get_network_from_plans(
+            architecture["network_class_name"],
+            architecture["arch_kwargs"],
+            architecture["_kw_requires_import"],
+            in_channels,
+            1,
+            allow_init=True,
+            deep_supervision=False,
+        )
     layers = segmentation_layers(network)
     features = layers[-1].in_channels
     layers[-1] = nn.Identity()

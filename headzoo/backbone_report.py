@@ -1,5 +1,6 @@
 """What each backbone costs on its own (``headzoo backbones``): parameters, default patch, stages,
 and optionally a measured forward + backward step, so a head's cost can be read against it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ PAPER_CLASSES = 105  # STU-Net's Table 2 counts a 105-class output (TotalSegment
 class BackboneSummary:
     name: str
     network_class: str
-    parameters: int           # without any segmentation conv: what every head shares
-    parameters_paper: int     # the whole network with PAPER_CLASSES outputs at every decoder stage
+    parameters: int  # without any segmentation conv: what every head shares
+    parameters_paper: int  # the whole network with PAPER_CLASSES outputs at every decoder stage
     default_patch: int
     stages: int
     downsampling: tuple[int, ...]
@@ -27,17 +28,24 @@ class BackboneSummary:
 class BackboneStep:
     patch: tuple[int, ...]
     batch: int
-    seconds: float | None       # median forward + backward step (None: out of memory)
+    seconds: float | None  # median forward + backward step (None: out of memory)
     peak: PeakMemory | None
 
 
 def _parameter_counts(architecture: dict) -> tuple[int, int]:
     """(without segmentation convs, with PAPER_CLASSES-channel ones), counted on the meta device."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
     with torch.device("meta"):
-        network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                         architecture["_kw_requires_import"], 1, PAPER_CLASSES,
-                                         allow_init=False, deep_supervision=False)
+        network = get_network_from_plans(
+            architecture["network_class_name"],
+            architecture["arch_kwargs"],
+            architecture["_kw_requires_import"],
+            1,
+            PAPER_CLASSES,
+            allow_init=False,
+            deep_supervision=False,
+        )
     total = sum(p.numel() for p in network.parameters())
     return total - sum(p.numel() for p in segmentation_layers(network).parameters()), total
 
@@ -45,8 +53,15 @@ def _parameter_counts(architecture: dict) -> tuple[int, int]:
 def summarize(name: str) -> BackboneSummary:
     architecture, patch = get_backbone(name)
     without, paper = _parameter_counts(architecture)
-    return BackboneSummary(name, architecture["network_class_name"].rsplit(".", 1)[-1], without, paper, patch,
-                           architecture["arch_kwargs"]["n_stages"], downsampling(architecture))
+    return BackboneSummary(
+        name,
+        architecture["network_class_name"].rsplit(".", 1)[-1],
+        without,
+        paper,
+        patch,
+        architecture["arch_kwargs"]["n_stages"],
+        downsampling(architecture),
+    )
 
 
 def smallest_patch(name: str, at_least: int = 32) -> tuple[int, ...]:
@@ -54,8 +69,7 @@ def smallest_patch(name: str, at_least: int = 32) -> tuple[int, ...]:
     return tuple(max(at_least, 2 * f) for f in downsampling(get_backbone(name)[0]))
 
 
-def measure_step(name: str, patch: tuple[int, ...], batch: int, device: torch.device,
-                 repeats: int = 3) -> BackboneStep:
+def measure_step(name: str, patch: tuple[int, ...], batch: int, device: torch.device, repeats: int = 3) -> BackboneStep:
     """Forward + backward of the backbone alone (no head, no optimizer): median seconds and peak memory."""
     backbone, _ = build_backbone(name, 1, seed=0)
     backbone.to(device).train()

@@ -1,4 +1,5 @@
 """A memory budget for the current process, so the memory wall shows up as `oom` without a GPU."""
+
 from __future__ import annotations
 
 import resource

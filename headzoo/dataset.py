@@ -4,6 +4,7 @@ nnU-Net preprocessed, and the held-out cases with what exporting a prediction to
 ``headzoo.plan`` makes it (plans, freezes, preprocesses, caches); ``headzoo.loaders`` turns its training cases
 into batches; ``training.train_and_evaluate`` takes those batches and a ``HeldOutSet``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,6 +61,7 @@ class PreparedDataset:
     @functools.cached_property
     def plans_manager(self):
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
         return PlansManager(self.plans)
 
     @functools.cached_property
@@ -80,9 +82,11 @@ class PreparedDataset:
     def architecture(self, backbone: str) -> dict:
         """The plan's architecture for `backbone`, in nnU-Net's plans format (class name + kwargs)."""
         configuration = self.configuration(backbone)
-        return {"network_class_name": configuration.network_arch_class_name,
-                "arch_kwargs": configuration.network_arch_init_kwargs,
-                "_kw_requires_import": configuration.network_arch_init_kwargs_req_import}
+        return {
+            "network_class_name": configuration.network_arch_class_name,
+            "arch_kwargs": configuration.network_arch_init_kwargs,
+            "_kw_requires_import": configuration.network_arch_init_kwargs_req_import,
+        }
 
     def patch_size(self, backbone: str) -> tuple[int, ...]:
         """The default patch: the plan's configuration for `backbone`."""
@@ -131,9 +135,9 @@ def build_backbone_from_plan(prepared: PreparedDataset, backbone: str, seed: int
 
 class HeldOutCase(NamedTuple):
     key: str
-    image: torch.Tensor      # (c, *shape) preprocessed as nnU-Net's predictor preprocesses
-    properties: dict         # nnU-Net's properties: crop box, spacing, shapes (for the export)
-    reference: np.ndarray    # the raw label file as nnU-Net's reader returns it (original geometry)
+    image: torch.Tensor  # (c, *shape) preprocessed as nnU-Net's predictor preprocesses
+    properties: dict  # nnU-Net's properties: crop box, spacing, shapes (for the export)
+    reference: np.ndarray  # the raw label file as nnU-Net's reader returns it (original geometry)
 
 
 def _test_label_files(prepared: PreparedDataset) -> list[Path]:
@@ -144,6 +148,7 @@ def test_cases(prepared: PreparedDataset) -> Iterator[HeldOutCase]:
     """Held-out cases: the images preprocessed by nnU-Net as its predictor does, the raw reference labels
     (never the preprocessed ones, where nnU-Net's crop marks background outside the body as -1)."""
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
     ending = prepared.dataset_json["file_ending"]
     preprocessor = DefaultPreprocessor(verbose=False)
     configuration = prepared.plans_manager.get_configuration(DATA_CONFIGURATION)
@@ -152,8 +157,9 @@ def test_cases(prepared: PreparedDataset) -> Iterator[HeldOutCase]:
         key = label_file.name[: -len(ending)]
         images = sorted(str(p) for p in (prepared.raw / "imagesTs").glob(f"{key}_[0-9][0-9][0-9][0-9]{ending}"))
         with nnunet_log():
-            data, _, properties = preprocessor.run_case(images, None, prepared.plans_manager, configuration,
-                                                        prepared.dataset_json)
+            data, _, properties = preprocessor.run_case(
+                images, None, prepared.plans_manager, configuration, prepared.dataset_json
+            )
         reference, _ = reader.read_seg(str(label_file))
         yield HeldOutCase(key, torch.from_numpy(data).float(), properties, reference[0].astype(np.int64))
 
@@ -161,6 +167,7 @@ def test_cases(prepared: PreparedDataset) -> Iterator[HeldOutCase]:
 @dataclass(frozen=True)
 class _PreprocessedOnEachPass:
     """A prepared dataset's held-out cases, preprocessed anew on each pass (one case in memory at a time)."""
+
     prepared: PreparedDataset
 
     def __len__(self) -> int:
@@ -174,9 +181,10 @@ class _PreprocessedOnEachPass:
 class HeldOutSet:
     """What held-out Dice reads: the cases (sized, iterated once per evaluation) and what nnU-Net's export of a
     prediction to their original geometry needs (the plan, its data configuration, dataset.json)."""
+
     cases: Collection[HeldOutCase]
-    plans_manager: Any        # nnU-Net's PlansManager
-    configuration: Any        # nnU-Net's ConfigurationManager the cases were preprocessed with
+    plans_manager: Any  # nnU-Net's PlansManager
+    configuration: Any  # nnU-Net's ConfigurationManager the cases were preprocessed with
     dataset_json: dict
 
     @property
@@ -186,5 +194,9 @@ class HeldOutSet:
     @classmethod
     def of(cls, prepared: PreparedDataset) -> HeldOutSet:
         """The prepared dataset's test cases (imagesTs, labelsTs), preprocessed as nnU-Net's predictor does."""
-        return cls(_PreprocessedOnEachPass(prepared), prepared.plans_manager,
-                   prepared.plans_manager.get_configuration(DATA_CONFIGURATION), prepared.dataset_json)
+        return cls(
+            _PreprocessedOnEachPass(prepared),
+            prepared.plans_manager,
+            prepared.plans_manager.get_configuration(DATA_CONFIGURATION),
+            prepared.dataset_json,
+        )

@@ -1,4 +1,5 @@
 """The one device check of `headzoo run` (``--device``) and of nnU-Net's own training and prediction (``-device``)."""
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ backward, temporaries, inputs). What it does not: the CUDA context, cuDNN/cuBLAS
 allocator's rounding and fragmentation, memory outside torch (a FAISS GPU index). It is a tensor-level lower
 bound of what a GPU's allocator reports.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,15 @@ from headzoo.errors import HeadzooError
 from headzoo.registry import create_head, get_head_class
 
 #: MemTracker's categories → the estimate's
-CATEGORIES = {"Parameter": "parameters", "Buffer": "parameters", "Gradient": "gradients",
-              "Optstate": "optimizer state", "Activation": "activations", "Temp": "temporaries", "Other": "inputs"}
+CATEGORIES = {
+    "Parameter": "parameters",
+    "Buffer": "parameters",
+    "Gradient": "gradients",
+    "Optstate": "optimizer state",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "Other": "inputs",
+}
 CATEGORY_ORDER = ("parameters", "gradients", "optimizer state", "activations", "temporaries", "inputs")
 #: the loss options a run takes from nnU-Net's plan (head.PLAN_OPTIONS) where no dataset is given: the toy's
 #: 3d_fullres plan has batch_dice false, and the toy has no ignore label
@@ -49,8 +57,8 @@ DEVICE_KINDS = ("cuda", "cpu")
 class Peak:
     bytes: int
     categories: dict[str, int]  # CATEGORY_ORDER → bytes alive at the peak
-    op: str                     # the op that allocated the peak's last tensor
-    phase: str                  # forward, backward or optimizer step
+    op: str  # the op that allocated the peak's last tensor
+    phase: str  # forward, backward or optimizer step
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,8 +103,9 @@ class PeakTracker(MemTracker):
             if self._peak_mem.get(device, 0) < snapshot["Total"]:
                 self._peak_mem[device], self._peak_mem_snap[device] = snapshot["Total"], dict(snapshot)
                 self.peak_op = self._func.overloadpacket.__name__
-                self.peak_phase = "optimizer step" if self._in_opt else "backward" if self._mod_tracker.is_bw \
-                    else "forward"
+                self.peak_phase = (
+                    "optimizer step" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
+                )
 
 
 def track_peak(run: Callable[[], object], *tracked) -> Peak:
@@ -115,6 +124,7 @@ def track_peak(run: Callable[[], object], *tracked) -> Peak:
 @dataclass
 class Problem:
     """What to estimate: a run's settings (RunConfig) on a device kind, and the whole volume to segment."""
+
     config: RunConfig
     device_kind: str = "cuda"
     volume: tuple[int, ...] = DEFAULT_VOLUME
@@ -144,11 +154,13 @@ def problem_from_settings(settings: dict, device_kind: str, volume: tuple[int, .
         ignore = labels.get("ignore")
         classes = len([k for k in labels if k != "ignore"])
         if config.classes not in (None, classes):
-            raise HeadzooError(f"--classes {config.classes} disagrees with {config.dataset_folder}, which has "
-                               f"{classes} labels")
+            raise HeadzooError(
+                f"--classes {config.classes} disagrees with {config.dataset_folder}, which has {classes} labels"
+            )
         config.classes, in_channels, plan["ignore_label"] = classes, len(dataset["channel_names"]), ignore
     else:
         from headzoo.toy import get_preset
+
         config.classes = config.classes or TOY_CLASSES
         in_channels = get_preset(config.preset).code_bits or 1
     if config.classes < 2:
@@ -156,8 +168,9 @@ def problem_from_settings(settings: dict, device_kind: str, volume: tuple[int, .
     config.options = {**plan, **config.options}
     volume = tuple(volume or DEFAULT_VOLUME)
     if any(v < p for v, p in zip(volume, config.patch)):
-        raise HeadzooError(f"--volume {'x'.join(map(str, volume))} is smaller than the patch "
-                           f"{'x'.join(map(str, config.patch))}")
+        raise HeadzooError(
+            f"--volume {'x'.join(map(str, volume))} is smaller than the patch {'x'.join(map(str, config.patch))}"
+        )
     return Problem(config, device_kind, volume, in_channels)
 
 
@@ -173,7 +186,8 @@ def fake_world(problem: Problem):
     """Fake tensors, and CUDA's autocast kernels where the problem autocasts: yields the autocast region."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from headzoo.cuda_autocast import cuda_autocast_kernels
-    with FakeTensorMode(), (cuda_autocast_kernels() if problem.autocast else contextlib.nullcontext()) as emulation:
+
+    with FakeTensorMode(), cuda_autocast_kernels() if problem.autocast else contextlib.nullcontext() as emulation:
         yield emulation.region if emulation is not None else contextlib.nullcontext
 
 
@@ -182,8 +196,10 @@ def build_fake_network(problem: Problem) -> SegmentationNetwork:
     from the registry), under the active FakeTensorMode."""
     config = problem.config
     if config.options.get("kernel") == "triton":  # refused as asked, before the head would need triton installed
-        raise HeadzooError("kernel=triton cannot be estimated: its fused kernels run outside torch's dispatcher "
-                           "(estimate kernel=torch, which holds more)")
+        raise HeadzooError(
+            "kernel=triton cannot be estimated: its fused kernels run outside torch's dispatcher "
+            "(estimate kernel=torch, which holds more)"
+        )
     backbone, features = build_network(get_backbone(config.backbone)[0], problem.in_channels, config.seed)
     head = create_head(config.head, features, config.classes, **config.options)
     return SegmentationNetwork(backbone, head)
@@ -194,23 +210,32 @@ def fake_batch(problem: Problem, batch: int | None = None) -> dict:
     config = problem.config
     b = batch or config.batch
     annotated = torch.ones(b, config.classes, dtype=torch.bool) if config.partial > 1 else None
-    return {"data": torch.empty(b, problem.in_channels, *config.patch),
-            "target": torch.zeros(b, 1, *config.patch, dtype=torch.int16), "annotated": annotated}
+    return {
+        "data": torch.empty(b, problem.in_channels, *config.patch),
+        "target": torch.zeros(b, 1, *config.patch, dtype=torch.int16),
+        "annotated": annotated,
+    }
 
 
 def _fake_safe(head: str):
     """Run a fake estimate; an op that needs tensor values becomes one line naming the head."""
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, \
-        UnsupportedOperatorException
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedOperatorException,
+    )
 
     @contextlib.contextmanager
     def guard():
         try:
             yield
         except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException) as error:
-            raise HeadzooError(f"the {head} head is not fake-safe (it needs tensor values: "
-                               f"{type(error).__name__} {str(error).splitlines()[0] if str(error) else ''}); "
-                               "headzoo estimate cannot run it") from None
+            raise HeadzooError(
+                f"the {head} head is not fake-safe (it needs tensor values: "
+                f"{type(error).__name__} {str(error).splitlines()[0] if str(error) else ''}); "
+                "headzoo estimate cannot run it"
+            ) from None
+
     return guard()
 
 
@@ -226,8 +251,11 @@ class _FakeRun:
         self.called: set | None = None  # the modules a forward calls (found by the first forward)
 
     def _hooked_forward(self, image):
-        hooks = [m.register_forward_pre_hook(lambda module, args: self.called.add(module))
-                 for m in self.network.modules()] if self.called is None else []
+        hooks = (
+            [m.register_forward_pre_hook(lambda module, args: self.called.add(module)) for m in self.network.modules()]
+            if self.called is None
+            else []
+        )
         self.called = set() if self.called is None else self.called
         try:
             return self.network(image)
@@ -238,6 +266,7 @@ class _FakeRun:
     def training_step(self) -> Peak:
         """One training step (after warm-up: the optimizer holds its state) as `headzoo run` measures it."""
         from headzoo.training import TrainStep, build_optimizer
+
         config, network, region = self.problem.config, self.network, self.region
         batch = fake_batch(self.problem)
         network.train()
@@ -279,6 +308,7 @@ class _FakeRun:
             with region():
                 loss = head.loss(output, batch["target"], batch["annotated"])
             loss.backward()
+
         tensors = [t for t in (batch["target"], batch["annotated"]) if t is not None]
         return track_peak(loss_only, head, output, *tensors)
 
@@ -291,24 +321,31 @@ class _FakeRun:
         def one_patch():
             with torch.no_grad(), region():
                 network.head.predict(self._hooked_forward(image))
+
         return track_peak(one_patch, network, image)
 
     def inference_volume(self) -> Peak:
         """A whole `problem.volume` by headzoo's `sliding_window_output` (its fp32 K-channel accumulator over every
         window, the network under the step's autocast), then head.predict."""
         from headzoo.inference import sliding_window_output
+
         network, region = self.network.eval(), self.region
         volume = torch.empty(self.problem.in_channels, *self.problem.volume)
 
         def whole_volume():
-            with mock.patch("nnunetv2.inference.sliding_window_prediction.compute_gaussian", _stand_in_gaussian), \
-                    torch.no_grad(), region():
+            with (
+                mock.patch("nnunetv2.inference.sliding_window_prediction.compute_gaussian", _stand_in_gaussian),
+                torch.no_grad(),
+                region(),
+            ):
                 network.head.predict(sliding_window_output(network, volume, self.problem.config.patch)[None])
+
         return track_peak(whole_volume, network, volume)
 
 
-def _stand_in_gaussian(tile_size, sigma_scale=1.0 / 8, value_scaling_factor=1, dtype=torch.float16,
-                       device=torch.device("cuda", 0)):
+def _stand_in_gaussian(
+    tile_size, sigma_scale=1.0 / 8, value_scaling_factor=1, dtype=torch.float16, device=torch.device("cuda", 0)
+):
     """nnU-Net's compute_gaussian's result shape and dtype; its values (made with numpy and a boolean mask) are
     not needed for memory."""
     return torch.empty(tuple(tile_size), dtype=dtype, device=device)
@@ -339,10 +376,18 @@ def estimate(problem: Problem) -> dict:
     """Every estimate of `problem`, as one JSON-able dict."""
     config = problem.config
     peaks = estimate_parts(problem)
-    return {"head": config.head, "options": config.options, "classes": config.classes,
-            "backbone": config.backbone, "patch": list(config.patch), "batch": config.batch, "amp": config.amp,
-            "device_kind": problem.device_kind, "in_channels": problem.in_channels,
-            "volume": list(problem.volume), "torch": torch.__version__,
-            **{part: peak.as_dict() for part, peak in peaks.items()},
-            "counts": "tensor bytes only (a lower bound of a GPU allocator's peak)"}
-
+    return {
+        "head": config.head,
+        "options": config.options,
+        "classes": config.classes,
+        "backbone": config.backbone,
+        "patch": list(config.patch),
+        "batch": config.batch,
+        "amp": config.amp,
+        "device_kind": problem.device_kind,
+        "in_channels": problem.in_channels,
+        "volume": list(problem.volume),
+        "torch": torch.__version__,
+        **{part: peak.as_dict() for part, peak in peaks.items()},
+        "counts": "tensor bytes only (a lower bound of a GPU allocator's peak)",
+    }

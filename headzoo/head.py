@@ -1,5 +1,6 @@
 """The head contract every head, built-in or plug-in, implements: the README's "Writing a head (plug-ins)" states
 it, tests/contract.py checks it and tests/test_conformance.py runs those checks over every registered head."""
+
 from __future__ import annotations
 
 import difflib
@@ -35,8 +36,7 @@ class Head(nn.Module):
     #: option sets the conformance suite runs besides the defaults, e.g. ``({"rank": 4},)``; plug-ins add theirs
     variants: tuple[dict, ...] = ()
 
-    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False,
-                 ignore_label: int | None = None):
+    def __init__(self, in_channels: int, num_classes: int, batch_dice: bool = False, ignore_label: int | None = None):
         super().__init__()
         if num_classes < 2:
             raise HeadzooError(f"num_classes must be at least 2 (background and one class), got {num_classes}")
@@ -81,16 +81,23 @@ class Head(nn.Module):
         """Reject targets that do not fit the contract, with one clear line. Shapes always; label values only
         for host tensors (`check_labels`): the training step checks its batch on the host before it reaches
         the device, so a loss on the device never waits for the device to read a value back."""
-        if target.ndim != output.ndim or target.shape[1] != 1 or target.shape[0] != output.shape[0] \
-                or target.shape[2:] != output.shape[2:]:
-            raise HeadzooError(f"target must have shape {(output.shape[0], 1, *output.shape[2:])}, "
-                               f"got {tuple(target.shape)}")
+        if (
+            target.ndim != output.ndim
+            or target.shape[1] != 1
+            or target.shape[0] != output.shape[0]
+            or target.shape[2:] != output.shape[2:]
+        ):
+            raise HeadzooError(
+                f"target must have shape {(output.shape[0], 1, *output.shape[2:])}, got {tuple(target.shape)}"
+            )
         if target.device.type == "cpu":
             self.check_labels(target)
         if annotated is not None:
             if not self.accepts_annotated:
-                raise HeadzooError(f"the {type(self).__name__} head cannot use partial labels (annotated=...); "
-                                   "use a head that supports them, e.g. 'sigmoid'")
+                raise HeadzooError(
+                    f"the {type(self).__name__} head cannot use partial labels (annotated=...); "
+                    "use a head that supports them, e.g. 'sigmoid'"
+                )
             if annotated.shape != (output.shape[0], self.num_classes) or annotated.dtype != torch.bool:
                 raise HeadzooError(f"annotated must be a bool tensor of shape {(output.shape[0], self.num_classes)}")
 
@@ -105,13 +112,15 @@ class Head(nn.Module):
         ignore_label = self.ignore_label
         if low < 0 or not (high < self.num_classes or (ignore_label is not None and high == ignore_label)):
             bad = low if low < 0 else high
-            raise HeadzooError(f"label {bad} is outside [0, {self.num_classes}) "
-                               f"for a head with {self.num_classes} classes")
+            raise HeadzooError(
+                f"label {bad} is outside [0, {self.num_classes}) for a head with {self.num_classes} classes"
+            )
 
 
 def is_fake(tensor: Tensor) -> bool:
     """Whether `tensor` has shapes but no values (torch's FakeTensor, as `headzoo estimate` runs heads on)."""
     from torch._subclasses.fake_tensor import is_fake as torch_is_fake
+
     return torch_is_fake(tensor)
 
 
@@ -121,8 +130,7 @@ def check_option(name: str, value, valid: bool, expected: str) -> None:
         raise HeadzooError(f"{name} must be {expected}, got {value!r}")
 
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-               type(None): "null"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "null"}
 
 
 def _accepts(value, allowed: tuple) -> bool:
@@ -139,16 +147,21 @@ def check_head_options(name: str, cls: type[Head], options: dict) -> None:
     (bool, int, float, str, None); a NaN or infinity is never an option. Ranges are the constructor's to check."""
     parameters = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    named = [k for k, p in parameters.items() if k != "self" and k not in NOT_OPTIONS
-             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = [
+        k
+        for k, p in parameters.items()
+        if k != "self" and k not in NOT_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # an annotation that does not evaluate: the constructor checks its own values
         hints = {}
     for key, value in options.items():
         if key in NOT_OPTIONS:
-            raise HeadzooError(f"head '{name}' rejected its options {options}: {key} is set by the run "
-                               "(the backbone's features, the dataset's classes), not an option")
+            raise HeadzooError(
+                f"head '{name}' rejected its options {options}: {key} is set by the run "
+                "(the backbone's features, the dataset's classes), not an option"
+            )
         if isinstance(value, float) and not math.isfinite(value):
             raise HeadzooError(f"head '{name}' rejected its options {options}: {key}={value} is not a finite number")
         if key not in named:
@@ -156,8 +169,10 @@ def check_head_options(name: str, cls: type[Head], options: dict) -> None:
                 continue
             close = difflib.get_close_matches(key, named, n=1)
             suggestion = f"did you mean '{close[0]}'? " if close else ""
-            raise HeadzooError(f"head '{name}' rejected its options {options}: no option '{key}' "
-                               f"({suggestion}its options: {', '.join(named)})")
+            raise HeadzooError(
+                f"head '{name}' rejected its options {options}: no option '{key}' "
+                f"({suggestion}its options: {', '.join(named)})"
+            )
         hint = hints.get(key)
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         allowed = typing.get_args(hint) if union else (hint,)

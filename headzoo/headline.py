@@ -1,12 +1,22 @@
 """The leaderboard's first screen: the accuracy protocol's heads × C in one table per class count, and the
 learning-rate budget every head had (protocol.LR_GRID at C = 100, seed 0)."""
+
 from __future__ import annotations
 
 import pandas as pd
 
 from headzoo.curves import reach_cell, reach_targets
-from headzoo.protocol import (ACCURACY_PROTOCOL, LARGE_C, LR_GRID, PROTOCOL_LR, TUNING, is_large_c_run,
-                              is_protocol_run, is_tuning_run, protocol_lr)
+from headzoo.protocol import (
+    ACCURACY_PROTOCOL,
+    LARGE_C,
+    LR_GRID,
+    PROTOCOL_LR,
+    TUNING,
+    is_large_c_run,
+    is_protocol_run,
+    is_tuning_run,
+    protocol_lr,
+)
 from headzoo.report import format_bytes, format_seconds
 from headzoo.results import DICE_DEFINITION
 
@@ -41,17 +51,25 @@ def headline_section(frame: pd.DataFrame, records: list[dict]) -> list[str]:
     if not lines:
         return []
     settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ACCURACY_PROTOCOL.items())
-    lines = ["## Headline: the accuracy protocol", "",
-             f"Toy {settings}, backbone small, patch 32³, batch 2, each head at its own learning rate (below). "
-             "Dice is nnU-Net's (per test case and class, then the mean over classes); a cell over seeds is the "
-             "mean [min–max], and two heads differ only where their ranges do not overlap. Time to reach: "
-             "training seconds until the held-out Dice first reaches 90% of the best head's final Dice. "
-             "Rows from before schema 3 (pooled Dice) are left out here; they are under \"All runs\".",
-             "", *lines]
+    lines = [
+        "## Headline: the accuracy protocol",
+        "",
+        f"Toy {settings}, backbone small, patch 32³, batch 2, each head at its own learning rate (below). "
+        "Dice is nnU-Net's (per test case and class, then the mean over classes); a cell over seeds is the "
+        "mean [min–max], and two heads differ only where their ranges do not overlap. Time to reach: "
+        "training seconds until the held-out Dice first reaches 90% of the best head's final Dice. "
+        'Rows from before schema 3 (pooled Dice) are left out here; they are under "All runs".',
+        "",
+        *lines,
+    ]
     if not large.empty:
-        lines += [f"The C = 1000 group: toy preset {LARGE_C['preset']} (more, smaller objects: about 18 training "
-                  f"instances per class), {LARGE_C['steps']} steps, the same learning rates; its curves are under "
-                  "\"All runs\".", "", *_tables(large, f" · preset {LARGE_C['preset']}, {LARGE_C['steps']} steps")]
+        lines += [
+            f"The C = 1000 group: toy preset {LARGE_C['preset']} (more, smaller objects: about 18 training "
+            f"instances per class), {LARGE_C['steps']} steps, the same learning rates; its curves are under "
+            '"All runs".',
+            "",
+            *_tables(large, f" · preset {LARGE_C['preset']}, {LARGE_C['steps']} steps"),
+        ]
     return lines + tuning_section(frame, records)
 
 
@@ -61,17 +79,31 @@ def _tables(runs: pd.DataFrame, suffix: str) -> list[str]:
     for (device, classes), group in sorted(runs.groupby(["device_name", "classes"]), key=lambda item: item[0]):
         targets, unlearnt = reach_targets(group, [classes])
         target = targets.get(classes)
-        lines += [f"### C = {classes} · {device}{suffix}", "",
-                  "| head | lr | seeds | Dice ↑ | worst 10% ↑ | pooled Dice | peak memory ↓ | step time ↓ | "
-                  + (f"time to Dice {target:.3f} ↓ |" if target else "time to reach ↓ |"),
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### C = {classes} · {device}{suffix}",
+            "",
+            "| head | lr | seeds | Dice ↑ | worst 10% ↑ | pooled Dice | peak memory ↓ | step time ↓ | "
+            + (f"time to Dice {target:.3f} ↓ |" if target else "time to reach ↓ |"),
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for label, rows in sorted(group.groupby("label"), key=lambda item: item[0]):
             reach = reach_cell(rows, target) if target else "no head learnt them" if unlearnt else "–"
-            lines.append(" | ".join([
-                f"| {label}", f"{rows['lr'].iloc[0]:g}", str(rows["seed"].nunique()),
-                seed_cell(rows, "dice_mean", _dice), seed_cell(rows, "dice_worst10_mean", _dice),
-                seed_cell(rows, "dice_pooled_mean", _dice), seed_cell(rows, "peak_memory_bytes", format_bytes),
-                seed_cell(rows, "step_time_median_s", format_seconds), reach]) + " |")
+            lines.append(
+                " | ".join(
+                    [
+                        f"| {label}",
+                        f"{rows['lr'].iloc[0]:g}",
+                        str(rows["seed"].nunique()),
+                        seed_cell(rows, "dice_mean", _dice),
+                        seed_cell(rows, "dice_worst10_mean", _dice),
+                        seed_cell(rows, "dice_pooled_mean", _dice),
+                        seed_cell(rows, "peak_memory_bytes", format_bytes),
+                        seed_cell(rows, "step_time_median_s", format_seconds),
+                        reach,
+                    ]
+                )
+                + " |"
+            )
         lines.append("")
     return lines
 
@@ -79,13 +111,20 @@ def _tables(runs: pd.DataFrame, suffix: str) -> list[str]:
 def tuning_section(frame: pd.DataFrame, records: list[dict]) -> list[str]:
     """The same learning-rate grid for every head: final Dice per rate, the chosen (protocol) rate in bold. Only
     heads that earned their rate on the grid (protocol.PROTOCOL_LR); a variant run at one rate is an experiment."""
-    tuning = frame[[is_tuning_run(records[i]) and label in PROTOCOL_LR for i, label in zip(frame["row"], frame["label"])]]
+    tuning = frame[
+        [is_tuning_run(records[i]) and label in PROTOCOL_LR for i, label in zip(frame["row"], frame["label"])]
+    ]
     if tuning.empty:
         return []
-    lines = ["### Learning-rate budget", "",
-             f"Every head had the same budget: one {ACCURACY_PROTOCOL['steps']}-step run per learning rate at "
-             f"C = {TUNING['classes']}, seed {TUNING['seed']}; its best rate (bold) is its protocol rate above.", "",
-             "| head | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " |", "|---|" + "---|" * len(LR_GRID)]
+    lines = [
+        "### Learning-rate budget",
+        "",
+        f"Every head had the same budget: one {ACCURACY_PROTOCOL['steps']}-step run per learning rate at "
+        f"C = {TUNING['classes']}, seed {TUNING['seed']}; its best rate (bold) is its protocol rate above.",
+        "",
+        "| head | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " |",
+        "|---|" + "---|" * len(LR_GRID),
+    ]
     for label, rows in sorted(tuning.groupby("label"), key=lambda item: item[0]):
         chosen = protocol_lr(rows["head"].iloc[0], rows["options"].iloc[0])
         cells = []

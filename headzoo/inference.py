@@ -1,6 +1,7 @@
 """Sliding-window inference that averages the head's K-channel output and predicts once, exported to the
 original geometry as nnU-Net exports; Dice per case and class as nnU-Net's evaluation computes it, from counts
 (bincount of prediction and truth), never from a C-channel one-hot."""
+
 from __future__ import annotations
 
 import itertools
@@ -14,10 +15,12 @@ from headzoo.head import Head
 
 
 @torch.no_grad()
-def sliding_window_output(network: nn.Module, image: torch.Tensor, patch: tuple[int, ...],
-                          step_size: float = 0.5) -> torch.Tensor:
+def sliding_window_output(
+    network: nn.Module, image: torch.Tensor, patch: tuple[int, ...], step_size: float = 0.5
+) -> torch.Tensor:
     """Gaussian-weighted average of the network output (K, *shape) over overlapping windows, as nnU-Net."""
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
     device = next(network.parameters()).device
     shape = tuple(image.shape[1:])
     gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
@@ -32,8 +35,9 @@ def sliding_window_output(network: nn.Module, image: torch.Tensor, patch: tuple[
     return total / weight
 
 
-def class_counts(prediction: torch.Tensor, target: torch.Tensor, num_classes: int,
-                 ignore_label: int | None = None) -> np.ndarray:
+def class_counts(
+    prediction: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_label: int | None = None
+) -> np.ndarray:
     """(3, C) per-class true positives, false positives and false negatives of two label maps (bincounts, on
     the maps' device, never a C-channel one-hot); voxels whose target is `ignore_label` left out."""
     if ignore_label is not None:
@@ -67,8 +71,9 @@ class DiceCounter:
     def update(self, prediction: np.ndarray, truth: np.ndarray, case: str = "a test case", head: str = "the") -> None:
         prediction, truth = np.asarray(prediction).ravel(), np.asarray(truth).ravel()
         if prediction.shape != truth.shape:
-            raise ContractViolation(f"{head} head's prediction of {case} has {prediction.size} voxels, "
-                                    f"the reference {truth.size}")
+            raise ContractViolation(
+                f"{head} head's prediction of {case} has {prediction.size} voxels, the reference {truth.size}"
+            )
         if self.ignore_label is not None:
             keep = truth != self.ignore_label
             prediction, truth = prediction[keep], truth[keep]
@@ -79,8 +84,13 @@ class DiceCounter:
         if prediction.size and (prediction.min() < 0 or prediction.max() >= c):
             bad = prediction.min() if prediction.min() < 0 else prediction.max()
             raise ContractViolation(f"{head} head predicted label {bad}, outside [0, {c})")
-        self._counts.append(class_counts(torch.from_numpy(prediction.astype(np.int64, copy=False)),
-                                         torch.from_numpy(truth.astype(np.int64, copy=False)), c))
+        self._counts.append(
+            class_counts(
+                torch.from_numpy(prediction.astype(np.int64, copy=False)),
+                torch.from_numpy(truth.astype(np.int64, copy=False)),
+                c,
+            )
+        )
         self.cases.append(case)
 
     @staticmethod
@@ -124,19 +134,29 @@ class DiceCounter:
         """Mean Dice of the worst `fraction` of scored classes (at least one): what a mean over 1000 hides."""
         dice = self.per_class()
         dice = np.sort(dice[np.isfinite(dice)])
-        return float(dice[:max(1, int(np.ceil(fraction * dice.size)))].mean()) if dice.size else None
+        return float(dice[: max(1, int(np.ceil(fraction * dice.size)))].mean()) if dice.size else None
 
 
 def _mean(dice: np.ndarray) -> float | None:
     return float(np.nanmean(dice)) if np.isfinite(dice).any() else None
 
 
-def segment(network: nn.Module, head: Head, image: torch.Tensor, patch: tuple[int, ...], properties: dict,
-            plans_manager, configuration_manager, dataset_json: dict) -> np.ndarray:
+def segment(
+    network: nn.Module,
+    head: Head,
+    image: torch.Tensor,
+    patch: tuple[int, ...],
+    properties: dict,
+    plans_manager,
+    configuration_manager,
+    dataset_json: dict,
+) -> np.ndarray:
     """A preprocessed case's label map in its original geometry: the head's K channels averaged over sliding
     windows, exported as nnU-Net exports logits (resampled, cropping reverted, axes transposed back), the head
     predicting once at the end."""
     from headzoo.nnunet.predictor import segmentation_in_original_geometry
+
     output = sliding_window_output(network, image, patch).cpu()
-    return segmentation_in_original_geometry(output, properties, configuration_manager, plans_manager, dataset_json,
-                                             head, threads=torch.get_num_threads())
+    return segmentation_in_original_geometry(
+        output, properties, configuration_manager, plans_manager, dataset_json, head, threads=torch.get_num_threads()
+    )

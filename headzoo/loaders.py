@@ -1,5 +1,6 @@
 """Training batches of a prepared dataset: nnU-Net's ``nnUNetDataLoader`` with nnU-Net's training transforms
 (no mirroring, as the paper), each batch with the classes its cases annotate."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -22,13 +23,25 @@ def training_loader(prepared: PreparedDataset, patch: tuple[int, ...], batch: in
     rotation = (-30.0 / 360 * 2 * np.pi, 30.0 / 360 * 2 * np.pi)  # nnU-Net's 3D default
     initial_patch = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
     transforms = nnUNetTrainer.get_training_transforms(
-        patch, rotation, None, None, False,  # no deep supervision, no mirroring (as the paper), no dummy 2D
-        ignore_label=prepared.label_manager.ignore_label)
+        patch,
+        rotation,
+        None,
+        None,
+        False,  # no deep supervision, no mirroring (as the paper), no dummy 2D
+        ignore_label=prepared.label_manager.ignore_label,
+    )
     np.random.seed(seed)
     torch.manual_seed(seed)
-    loader = nnUNetDataLoader(dataset, batch, initial_patch, patch, prepared.label_manager,
-                              oversample_foreground_percent=0.33,
-                              sampling_probabilities=prepared.sampling_probabilities(), transforms=transforms)
+    loader = nnUNetDataLoader(
+        dataset,
+        batch,
+        initial_patch,
+        patch,
+        prepared.label_manager,
+        oversample_foreground_percent=0.33,
+        sampling_probabilities=prepared.sampling_probabilities(),
+        transforms=transforms,
+    )
     loader.rs = np.random.RandomState(seed)
     return loader
 

@@ -1,4 +1,5 @@
 """One writer at a time, across processes: an flock on a lock file beside what it guards."""
+
 from __future__ import annotations
 
 import contextlib

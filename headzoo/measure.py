@@ -5,6 +5,7 @@ allocator's peak (``torch.cuda.max_memory_allocated``, after a synchronize), on 
 tensors (torch's MemTracker, which counts every tensor an op allocates), and the process's peak resident set
 beside it. Memory a head holds outside torch (a FAISS GPU index) is in neither: ``Head.external_memory_bytes``
 reports it, and a record states it beside the peak."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,8 @@ import torch
 
 @dataclass
 class PeakMemory:
-    bytes: int       # CUDA allocator peak, or on CPU the peak of live tensor bytes
-    kind: str        # "cuda_allocator" or "cpu_live_tensors"
+    bytes: int  # CUDA allocator peak, or on CPU the peak of live tensor bytes
+    kind: str  # "cuda_allocator" or "cpu_live_tensors"
     rss_bytes: int | None  # the process's peak resident set during the step (cross-check); None if unknown
 
 
@@ -28,6 +29,7 @@ class PeakMemory:
 class Measurement:
     """What one `measured` block took: wall seconds and, where memory was measured, the peak (`PeakMemory`'s
     kinds) and the process's resident set at the start and at its peak (None where /proc lacks them)."""
+
     seconds: float | None = None
     peak_bytes: int | None = None
     peak_kind: str | None = None
@@ -78,6 +80,7 @@ def _total_peak_tracker(repeated_modules: bool):
     per window); without them, tensors alive before the block count only when passed as `tracked` (the module
     hooks also count a module's inputs and parameters when it is first called)."""
     from torch.distributed._tools.mem_tracker import MemTracker
+
     if not repeated_modules:
         return MemTracker()
 
@@ -98,8 +101,9 @@ def _total_peak_tracker(repeated_modules: bool):
 
 
 @contextlib.contextmanager
-def measured(device: torch.device, *tracked: object, memory: bool = True,
-             repeated_modules: bool = False) -> Iterator[Measurement]:
+def measured(
+    device: torch.device, *tracked: object, memory: bool = True, repeated_modules: bool = False
+) -> Iterator[Measurement]:
     """Time the block (synchronising around it on CUDA) and, with `memory`, take its peak memory; the
     `Measurement` it yields is filled when the block ends (its seconds also when the block raises). `tracked`
     (modules, optimizers, tensors): what exists before the block and counts on the CPU. `repeated_modules`:
@@ -158,8 +162,13 @@ def summarize_times(times: list[float]) -> dict[str, float | None]:
 
 #: what torch's RuntimeErrors say when an allocation fails: the CPU allocator's, CUDA's, and cuBLAS's and cuDNN's
 #: own workspace and handle allocations (these do not go through torch's allocator and raise no OutOfMemoryError)
-OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "not enough memory", "CUBLAS_STATUS_ALLOC_FAILED",
-                          "CUDNN_STATUS_ALLOC_FAILED")
+OUT_OF_MEMORY_MESSAGES = (
+    "can't allocate memory",
+    "out of memory",
+    "not enough memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -190,8 +199,9 @@ class GradientReceivers:
 
     def __init__(self, module: torch.nn.Module):
         self.received: set = set()
-        self._handles = [p.register_post_accumulate_grad_hook(self.received.add) for p in module.parameters()
-                         if p.requires_grad]
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self.received.add) for p in module.parameters() if p.requires_grad
+        ]
 
     def close(self) -> None:
         for handle in self._handles:

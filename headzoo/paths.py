@@ -5,6 +5,7 @@ nnU-Net reads ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` once, wh
 ``import headzoo`` before anything imports nnU-Net. The nnU-Net commands (``headzoo nnunet-train``,
 ``headzoo predict``) work in the user's own nnU-Net folders instead: :func:`use_user_nnunet_folders`.
 """
+
 from __future__ import annotations
 
 import contextlib

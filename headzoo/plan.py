@@ -8,6 +8,7 @@ them). nnU-Net's preprocessor writes the training cases. Each dataset has a name
 derived from what it is (the toy's settings, a raw folder's path and content fingerprint), and a lock
 that serialises its preparation across processes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,9 +60,15 @@ def folder_fingerprint(folder: Path) -> str:
 
 def backbone_configurations() -> dict[str, dict]:
     """One plan configuration per backbone: its architecture, default patch and batch."""
-    return {configuration_name(backbone): {"inherits_from": DATA_CONFIGURATION, "patch_size": [patch] * 3,
-                                           "batch_size": 2, "architecture": architecture}
-            for backbone, (architecture, patch) in BACKBONES.items()}
+    return {
+        configuration_name(backbone): {
+            "inherits_from": DATA_CONFIGURATION,
+            "patch_size": [patch] * 3,
+            "batch_size": 2,
+            "architecture": architecture,
+        }
+        for backbone, (architecture, patch) in BACKBONES.items()
+    }
 
 
 def frozen_plans(plans: dict) -> dict:
@@ -88,13 +95,17 @@ def _reads_intensity_statistics(dataset_json: dict) -> bool:
     """Whether a channel is normalised as CT, the only normalisation that reads the fingerprint's intensities."""
     from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
     from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
-    return any(get_normalization_scheme(channel) is CTNormalization for channel in dataset_json["channel_names"].values())
+
+    return any(
+        get_normalization_scheme(channel) is CTNormalization for channel in dataset_json["channel_names"].values()
+    )
 
 
 def _plan_and_preprocess(name: str) -> None:
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import \
-        nnUNetPlannerResEncM
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+        nnUNetPlannerResEncM,
+    )
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
@@ -126,8 +137,9 @@ def _plan_and_preprocess(name: str) -> None:
     with progress_bar() as bar, nnunet_log():
         task = bar.add_task("nnU-Net preprocessing", total=len(cases))
         for key, files in cases.items():
-            preprocessor.run_case_save(str(target / key), files["images"], files["label"], plans_manager,
-                                       configuration, dataset_json)
+            preprocessor.run_case_save(
+                str(target / key), files["images"], files["label"], plans_manager, configuration, dataset_json
+            )
             shapes[key] = list(_load_case(target, key)[0].shape[1:])
             bar.advance(task)
     (out / "shapes.json").write_text(json.dumps(shapes))
@@ -136,13 +148,15 @@ def _plan_and_preprocess(name: str) -> None:
 
 def _load_case(folder: Path, key: str):
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
     return infer_dataset_class(str(folder))(str(folder), [key]).load_case(key)
 
 
 def _load_prepared(name: str) -> PreparedDataset:
     out = nnunet_preprocessed() / name
-    return PreparedDataset(name, json.loads((out / f"{PLANS_NAME}.json").read_text()),
-                           json.loads((out / "dataset.json").read_text()))
+    return PreparedDataset(
+        name, json.loads((out / f"{PLANS_NAME}.json").read_text()), json.loads((out / "dataset.json").read_text())
+    )
 
 
 def _add_new_backbones(name: str) -> None:

@@ -4,6 +4,7 @@ earned on the same grid (README "The accuracy protocol"; runs in leaderboard/acc
 Every head gets the same tuning budget: one 400-step run per learning rate of ``LR_GRID`` at C = 100, seed 0,
 on the protocol toy; the rate with the best held-out Dice (nnU-Net's) becomes the head's protocol rate.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,22 +39,25 @@ def is_protocol_run(record: dict) -> bool:
     config = from_record(record)
     default = RunConfig(head=config.head)
     others = ("backbone", "batch", "partial", "memory_limit_bytes", "warmup", "grad_clip", "amp", "dataset_folder")
-    return (all(getattr(config, k) == v for k, v in protocol_settings(config.head, config.options).items())
-            and all(getattr(config, k) == getattr(default, k) for k in others))
+    return all(getattr(config, k) == v for k, v in protocol_settings(config.head, config.options).items()) and all(
+        getattr(config, k) == getattr(default, k) for k in others
+    )
 
 
 def is_large_c_run(record: dict) -> bool:
     """A run of the C = 1000 group: LARGE_C's settings, everything else as a protocol run (its head's rate)."""
     config = from_record(record)
-    return (all(getattr(config, k) == v for k, v in LARGE_C.items())
-            and is_protocol_run({**record, **ACCURACY_PROTOCOL}))
+    return all(getattr(config, k) == v for k, v in LARGE_C.items()) and is_protocol_run({**record, **ACCURACY_PROTOCOL})
 
 
 def is_tuning_run(record: dict) -> bool:
     """A run of the learning-rate grid: the protocol at one of LR_GRID's rates, at the tuning class count and seed."""
     config = from_record(record)
-    return (config.lr in LR_GRID and all(getattr(config, k) == v for k, v in TUNING.items())
-            and is_protocol_run({**record, "lr": protocol_lr(config.head, config.options)}))
+    return (
+        config.lr in LR_GRID
+        and all(getattr(config, k) == v for k, v in TUNING.items())
+        and is_protocol_run({**record, "lr": protocol_lr(config.head, config.options)})
+    )
 
 
 def accuracy_note(record: dict) -> str | None:
@@ -62,6 +66,8 @@ def accuracy_note(record: dict) -> str | None:
     if config.dataset_folder is not None or is_protocol_run(record):
         return None
     protocol = dataclasses.replace(config, **protocol_settings(config.head, config.options), patch=None, run_id=None)
-    return (f"This run measures cost (peak memory, step time): Dice after {config.steps} steps on the "
-            f"'{config.preset}' toy is not a quality measure. For Dice, run the accuracy protocol:\n"
-            f"  headzoo run {' '.join(to_argv(protocol, only_changed=True))}")
+    return (
+        f"This run measures cost (peak memory, step time): Dice after {config.steps} steps on the "
+        f"'{config.preset}' toy is not a quality measure. For Dice, run the accuracy protocol:\n"
+        f"  headzoo run {' '.join(to_argv(protocol, only_changed=True))}"
+    )

@@ -4,6 +4,7 @@ Built-in heads register through the same group (``pyproject.toml``) as any plug-
 distributions claiming one name is an error that names both; an unknown name gets
 "did you mean"; a plug-in that fails to import is reported as broken without hiding the others.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -30,11 +31,13 @@ class HeadEntry:
         try:
             cls = self.entry_point.load()
         except Exception as error:  # a broken plug-in must not take the others down
-            raise HeadzooError(f"head '{self.name}' from {self.distribution} failed to import: "
-                               f"{type(error).__name__}: {error}") from error
+            raise HeadzooError(
+                f"head '{self.name}' from {self.distribution} failed to import: {type(error).__name__}: {error}"
+            ) from error
         if not (isinstance(cls, type) and issubclass(cls, Head)):
-            raise HeadzooError(f"head '{self.name}' from {self.distribution} is not a headzoo.Head subclass "
-                               f"({self.entry_point.value})")
+            raise HeadzooError(
+                f"head '{self.name}' from {self.distribution} is not a headzoo.Head subclass ({self.entry_point.value})"
+            )
         return cls
 
 
@@ -52,12 +55,14 @@ def _installed() -> tuple[EntryPoint, ...]:
 def discover(points: list[EntryPoint] | None = None) -> dict[str, HeadEntry]:
     """Map head name → entry, without importing any head."""
     found: dict[str, HeadEntry] = {}
-    for point in (_installed() if points is None else points):
+    for point in _installed() if points is None else points:
         entry = HeadEntry(point.name, _distribution_name(point), point)
         previous = found.get(point.name)
         if previous is not None and previous.entry_point.value != point.value:
-            raise HeadzooError(f"head '{point.name}' is registered twice: by {previous.distribution} "
-                               f"({previous.entry_point.value}) and by {entry.distribution} ({point.value})")
+            raise HeadzooError(
+                f"head '{point.name}' is registered twice: by {previous.distribution} "
+                f"({previous.entry_point.value}) and by {entry.distribution} ({point.value})"
+            )
         found[point.name] = entry
     return found
 
@@ -91,9 +96,11 @@ def validate_head_options(config) -> None:
     rejects fails here, in one line, before any data is made. C is --classes, the --dataset's, or the toy's."""
     from headzoo.backbone import get_backbone
     from headzoo.config import TOY_CLASSES
+
     classes = config.classes
     if classes is None and config.dataset_folder is not None:
         from headzoo.validation import check_dataset_labels, validate_raw_dataset
+
         classes = check_dataset_labels(config.dataset_folder, validate_raw_dataset(Path(config.dataset_folder)))
     features = get_backbone(config.backbone)[0]["arch_kwargs"]["features_per_stage"][0]  # the last decoder stage's
     with torch.device("meta"):

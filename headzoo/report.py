@@ -1,4 +1,5 @@
 """Human-readable views of one result record."""
+
 from __future__ import annotations
 
 import math
@@ -27,16 +28,22 @@ def format_seconds(value: float | None) -> str:
 
 def print_record(record: dict, console: Console, note: str | None = None) -> None:
     """The record as a table; `note` (e.g. protocol.accuracy_note) under it where the run did not fail."""
-    table = Table(title=f"{record['head']} · C={record['classes']} · {record['backbone']} · patch "
-                        f"{'x'.join(map(str, record['patch']))} · batch {record['batch']} · {record['device_name']}")
+    table = Table(
+        title=f"{record['head']} · C={record['classes']} · {record['backbone']} · patch "
+        f"{'x'.join(map(str, record['patch']))} · batch {record['batch']} · {record['device_name']}"
+    )
     for column in ("status", "Dice ↑", "peak memory ↓", "peak RSS", "step time median ↓", "p20 / p80", "wall"):
         table.add_column(column)
     dice = record.get("dice_mean")
-    table.add_row(record["status"], "–" if dice is None else f"{dice:.3f}",
-                  format_bytes(record.get("peak_memory_bytes")), format_bytes(record.get("peak_rss_bytes")),
-                  format_seconds(record.get("step_time_median_s")),
-                  f"{format_seconds(record.get('step_time_p20_s'))} / {format_seconds(record.get('step_time_p80_s'))}",
-                  format_seconds(record.get("wall_time_s")))
+    table.add_row(
+        record["status"],
+        "–" if dice is None else f"{dice:.3f}",
+        format_bytes(record.get("peak_memory_bytes")),
+        format_bytes(record.get("peak_rss_bytes")),
+        format_seconds(record.get("step_time_median_s")),
+        f"{format_seconds(record.get('step_time_p20_s'))} / {format_seconds(record.get('step_time_p80_s'))}",
+        format_seconds(record.get("wall_time_s")),
+    )
     console.print(table)
     if record.get("error"):
         console.print(f"[red]{record['error']}[/red]")

@@ -1,4 +1,5 @@
 """The long-format results file: one JSON line per run, keyed; validated, locked and written atomically."""
+
 from __future__ import annotations
 
 import glob
@@ -37,8 +38,9 @@ def record_key(record: dict, ignore_device: bool = False) -> str:
     where it has one (a sweep cell without --patch is one cell whatever patch the plan gives it), with the
     dataset fingerprint and device name; `ignore_device` leaves the device name out."""
     fields = {**record, **record.get("request", {})}
-    return json.dumps([None if ignore_device and k == "device_name" else fields.get(k) for k in KEY_FIELDS],
-                      sort_keys=True)
+    return json.dumps(
+        [None if ignore_device and k == "device_name" else fields.get(k) for k in KEY_FIELDS], sort_keys=True
+    )
 
 
 def migrate(record: dict) -> dict:
@@ -47,8 +49,12 @@ def migrate(record: dict) -> dict:
     if version == 1:
         record = _migrate_v1(record)
     elif version == 2:
-        record = {**record, "dice_definition": "pooled", "dice_pooled_mean": record.get("dice_mean"),
-                  "schema_version": 3}
+        record = {
+            **record,
+            "dice_definition": "pooled",
+            "dice_pooled_mean": record.get("dice_mean"),
+            "schema_version": 3,
+        }
     if record.get("schema_version") == 3:
         record = {**record, "schema_version": 4}
     return {**record, **_resolved_patch(record)}
@@ -59,6 +65,7 @@ def _resolved_patch(record: dict) -> dict:
     option) gets its backbone's default, the plan's patch its group's other rows record; its request (for a v3
     row: the settings it was written with) keeps the patch null."""
     from headzoo.backbone import BACKBONES
+
     if record.get("patch") is not None or record.get("backbone") not in BACKBONES:
         return {}
     request = record.get("request") or {f.name: record.get(f.name) for f, _ in run_settings()}
@@ -68,16 +75,27 @@ def _resolved_patch(record: dict) -> dict:
 def _migrate_v1(record: dict) -> dict:
     """A v1 row (before the key covered the dataset) in schema 3; they were all toy runs."""
     preset = re.search(r"HeadzooToy_([A-Za-z0-9-]+)_C", str(record.get("dataset", "")))
-    defaults = {"preset": preset.group(1) if preset else None, "dataset_folder": None, "dataset_fingerprint": None,
-                "device": "auto", "lr": 0.0025, "grad_clip": None, "amp": True, "eval_every": None, "curve": None,
-                "run_id": uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(record, sort_keys=True)).hex[:16],
-                "dice_definition": "pooled", "dice_pooled_mean": record.get("dice_mean")}
+    defaults = {
+        "preset": preset.group(1) if preset else None,
+        "dataset_folder": None,
+        "dataset_fingerprint": None,
+        "device": "auto",
+        "lr": 0.0025,
+        "grad_clip": None,
+        "amp": True,
+        "eval_every": None,
+        "curve": None,
+        "run_id": uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(record, sort_keys=True)).hex[:16],
+        "dice_definition": "pooled",
+        "dice_pooled_mean": record.get("dice_mean"),
+    }
     return {**defaults, **record, "schema_version": 3}
 
 
 def strict_json(record: dict, default=None) -> str:
     """One JSON line; a NaN or infinity is null (strict JSON), never written as NaN. `default`: json.dumps's,
     for values JSON has no type for (None: such a value is an error)."""
+
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
             return None
@@ -86,6 +104,7 @@ def strict_json(record: dict, default=None) -> str:
         if isinstance(value, (list, tuple)):
             return [clean(v) for v in value]
         return value
+
     return json.dumps(clean(record), sort_keys=True, allow_nan=False, default=default)
 
 
@@ -103,9 +122,14 @@ def _nullable(check):
 
 def _curve_point(point) -> bool:
     fraction = _nullable(lambda v: _is_number(v) and 0 <= v <= 1)
-    return isinstance(point, dict) and _is_int(point.get("step")) and point["step"] >= 1 and \
-        _is_number(point.get("train_time_s")) and point["train_time_s"] >= 0 and \
-        all(fraction(point.get(k)) for k in ("dice_mean", "dice_worst10_mean"))
+    return (
+        isinstance(point, dict)
+        and _is_int(point.get("step"))
+        and point["step"] >= 1
+        and _is_number(point.get("train_time_s"))
+        and point["train_time_s"] >= 0
+        and all(fraction(point.get(k)) for k in ("dice_mean", "dice_worst10_mean"))
+    )
 
 
 _TEXT = (lambda v: isinstance(v, str), "a string")
@@ -116,36 +140,67 @@ _FRACTION = (_nullable(lambda v: _is_number(v) and 0 <= v <= 1), "a number in [0
 #: what each field of a row must hold (a row may lack any field but ROW_REQUIRED; fields not named here are
 #: not checked): config.RunConfig's settings, then what a run measured
 ROW_FIELDS: dict[str, tuple] = {
-    "head": _TEXT, "options": (lambda v: isinstance(v, dict), "an object of head options"),
-    "classes": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2"), "backbone": _TEXT,
-    "patch": (_nullable(lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(e) and e >= 1 for e in v)),
-              "a list of 3 positive integers, or null"),
+    "head": _TEXT,
+    "options": (lambda v: isinstance(v, dict), "an object of head options"),
+    "classes": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2"),
+    "backbone": _TEXT,
+    "patch": (
+        _nullable(lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(e) and e >= 1 for e in v)),
+        "a list of 3 positive integers, or null",
+    ),
     "batch": (lambda v: _is_int(v) and v >= 1, "an integer of at least 1"),
     "steps": (lambda v: _is_int(v) and v >= 1, "an integer of at least 1"),
     "seed": (lambda v: _is_int(v) and v >= 0, "an integer of at least 0"),
     "partial": (lambda v: _is_int(v) and v >= 1, "an integer of at least 1"),
     "memory_limit_bytes": (_nullable(lambda v: _is_int(v) and v >= 1), "a positive integer or null"),
-    "preset": _TEXT_OR_NULL, "dataset_folder": _TEXT_OR_NULL,
+    "preset": _TEXT_OR_NULL,
+    "dataset_folder": _TEXT_OR_NULL,
     "warmup": (lambda v: _is_int(v) and v >= 0, "an integer of at least 0"),
     "lr": (lambda v: _is_number(v) and v > 0, "a number above 0"),
     "grad_clip": (_nullable(lambda v: _is_number(v) and v > 0), "a number above 0, or null"),
     "amp": (lambda v: isinstance(v, bool), "true or false"),
     "eval_every": (_nullable(lambda v: _is_int(v) and v >= 1), "a positive integer or null"),
-    "device": _TEXT, "run_id": _TEXT_OR_NULL,
-    "request": (lambda v: isinstance(v, dict) and isinstance(v.get("head"), str),
-                "an object of the run's settings as asked for"),
-    "schema_version": (lambda v: _is_int(v) and 1 <= v <= SCHEMA_VERSION,
-                       f"an integer from 1 to {SCHEMA_VERSION} (a later one is a newer headzoo's)"),
+    "device": _TEXT,
+    "run_id": _TEXT_OR_NULL,
+    "request": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("head"), str),
+        "an object of the run's settings as asked for",
+    ),
+    "schema_version": (
+        lambda v: _is_int(v) and 1 <= v <= SCHEMA_VERSION,
+        f"an integer from 1 to {SCHEMA_VERSION} (a later one is a newer headzoo's)",
+    ),
     "status": (lambda v: v in ("ok", "oom", "error"), "ok, oom or error"),
-    "error": _TEXT_OR_NULL, "device_name": _TEXT_OR_NULL, "dataset_fingerprint": _TEXT_OR_NULL,
+    "error": _TEXT_OR_NULL,
+    "device_name": _TEXT_OR_NULL,
+    "dataset_fingerprint": _TEXT_OR_NULL,
     "options_resolved": (lambda v: isinstance(v, dict), "an object"),
-    "dice_mean": _FRACTION, "dice_worst10_mean": _FRACTION, "dice_pooled_mean": _FRACTION,
-    "dice_classes_present": _COUNT, "peak_memory_bytes": _COUNT, "peak_rss_bytes": _COUNT, "timed_steps": _COUNT,
-    **{k: _SECONDS for k in ("step_time_median_s", "step_time_p20_s", "step_time_p80_s", "train_time_s",
-                             "data_time_s", "eval_time_s", "wall_time_s", "data_share")},
-    "loss_first": (_nullable(_is_number), "a number or null"), "loss_last": (_nullable(_is_number), "a number or null"),
-    "curve": (_nullable(lambda v: isinstance(v, list) and all(_curve_point(p) for p in v)),
-              "null or a list of points {step, train_time_s, dice_mean}"),
+    "dice_mean": _FRACTION,
+    "dice_worst10_mean": _FRACTION,
+    "dice_pooled_mean": _FRACTION,
+    "dice_classes_present": _COUNT,
+    "peak_memory_bytes": _COUNT,
+    "peak_rss_bytes": _COUNT,
+    "timed_steps": _COUNT,
+    **{
+        k: _SECONDS
+        for k in (
+            "step_time_median_s",
+            "step_time_p20_s",
+            "step_time_p80_s",
+            "train_time_s",
+            "data_time_s",
+            "eval_time_s",
+            "wall_time_s",
+            "data_share",
+        )
+    },
+    "loss_first": (_nullable(_is_number), "a number or null"),
+    "loss_last": (_nullable(_is_number), "a number or null"),
+    "curve": (
+        _nullable(lambda v: isinstance(v, list) and all(_curve_point(p) for p in v)),
+        "null or a list of points {step, train_time_s, dice_mean}",
+    ),
 }
 #: what every row has; the leaderboard needs more of each (a sweep's crash row has those too, its device null)
 ROW_REQUIRED = ("head", "status")
@@ -209,8 +264,10 @@ def read_records(path: Path, required: tuple[str, ...] = ROW_REQUIRED) -> list[d
         record = migrate(validate_row(row, where, required))
         first = lines.setdefault(record_key(record), number)
         if first != number:
-            raise HeadzooError(f"{where} repeats the results key of line {first} (same settings, seed, dataset and "
-                               "device): keep one of them")
+            raise HeadzooError(
+                f"{where} repeats the results key of line {first} (same settings, seed, dataset and "
+                "device): keep one of them"
+            )
         records.append(record)
     return records
 
@@ -252,8 +309,11 @@ def upsert_record(path: Path, record: dict) -> None:
     resolved = record_key({k: v for k, v in record.items() if k != "request"})
 
     def replaced(row: dict) -> bool:
-        return record_key(row) == key or (row.get("device_name") is None and record_key(row, True) == loose) or \
-            ("request" not in row and record_key(row) == resolved)
+        return (
+            record_key(row) == key
+            or (row.get("device_name") is None and record_key(row, True) == loose)
+            or ("request" not in row and record_key(row) == resolved)
+        )
 
     try:
         validate_row(json.loads(strict_json(record)), "the new record")
@@ -332,8 +392,10 @@ def prepare_leaderboard_folder(out: Path) -> None:
     if readme.exists():
         text = readme.read_text(errors="replace")
         if not text.startswith(LEADERBOARD_TITLE + "\n"):
-            raise HeadzooError(f"--out {out} holds a README.md that is not a headzoo leaderboard; give another folder "
-                               "(headzoo writes README.md and plots there)")
+            raise HeadzooError(
+                f"--out {out} holds a README.md that is not a headzoo leaderboard; give another folder "
+                "(headzoo writes README.md and plots there)"
+            )
         for name in re.findall(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)", text):
             (out / name).unlink(missing_ok=True)
     try:

@@ -1,4 +1,5 @@
 """Train one head on the shared backbone and pipeline, measure it, and return one result record."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,13 @@ def device_name(device: torch.device) -> str:
 
 def git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
-                              capture_output=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -61,8 +67,10 @@ def validate(config: RunConfig) -> torch.device:
     if config.batch < 1:
         raise HeadzooError(f"--batch must be positive, got {config.batch}")
     if config.eval_every is not None and config.eval_every < 1:  # the record takes none: refuse before training
-        raise HeadzooError(f"--eval-every must be a positive number of steps, got {config.eval_every} "
-                           "(leave it out for no learning curve)")
+        raise HeadzooError(
+            f"--eval-every must be a positive number of steps, got {config.eval_every} "
+            "(leave it out for no learning curve)"
+        )
     get_head_class(config.head)
     get_backbone(config.backbone)
     if config.patch is not None:  # early, against the table; _prepare checks it against the plan
@@ -90,8 +98,10 @@ def _prepare(config: RunConfig) -> PreparedDataset:
     if config.dataset_folder is not None:
         prepared = prepare_folder(config.dataset_folder)
         if config.classes not in (None, prepared.num_classes):
-            raise HeadzooError(f"--classes {config.classes} disagrees with {config.dataset_folder}, "
-                               f"which has {prepared.num_classes} labels")
+            raise HeadzooError(
+                f"--classes {config.classes} disagrees with {config.dataset_folder}, "
+                f"which has {prepared.num_classes} labels"
+            )
         config.classes = prepared.num_classes
     else:
         config.classes = config.classes or TOY_CLASSES
@@ -100,8 +110,9 @@ def _prepare(config: RunConfig) -> PreparedDataset:
     check_patch(config.backbone, config.patch, prepared.architecture(config.backbone))
     shape = prepared.volume_shape()
     if any(p > s for p, s in zip(config.patch, shape)):
-        raise HeadzooError(f"patch {'x'.join(map(str, config.patch))} is larger than the volumes "
-                           f"({'x'.join(map(str, shape))})")
+        raise HeadzooError(
+            f"patch {'x'.join(map(str, config.patch))} is larger than the volumes ({'x'.join(map(str, shape))})"
+        )
     return prepared
 
 
@@ -112,9 +123,16 @@ def dataset_fingerprint(config: RunConfig) -> str | None:
 
 
 def environment(device: torch.device) -> dict:
-    return {"device_name": device_name(device), "torch": torch.__version__, "headzoo": headzoo.__version__,
-            "git_sha": git_sha(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "host": platform.node(), "environment": describe(device)}
+    return {
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "headzoo": headzoo.__version__,
+        "git_sha": git_sha(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "environment": describe(device),
+    }
 
 
 def run(config: RunConfig, show_progress: bool = True) -> dict:
@@ -128,17 +146,29 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
     config = dataclasses.replace(config, run_id=config.run_id or new_run_id())
     prepared = prepare(config)  # resolves the copy's classes and patch
     options = head_options(config.options, prepared.configuration(config.backbone), prepared.label_manager)
-    record = {"schema_version": SCHEMA_VERSION, **to_record(config), "request": request, "dataset": prepared.name,
-              "plan": str(prepared.plans_file), "configuration": configuration_name(config.backbone),
-              "dataset_fingerprint": prepared.fingerprint, "options_resolved": options,
-              **environment(device), **timing, "status": "ok", "error": None}
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        **to_record(config),
+        "request": request,
+        "dataset": prepared.name,
+        "plan": str(prepared.plans_file),
+        "configuration": configuration_name(config.backbone),
+        "dataset_fingerprint": prepared.fingerprint,
+        "options_resolved": options,
+        **environment(device),
+        **timing,
+        "status": "ok",
+        "error": None,
+    }
     torch.manual_seed(config.seed)
     backbone, features = build_backbone_from_plan(prepared, config.backbone, config.seed)
     head = create_head(config.head, features, config.classes, **options)
     record["options_resolved"] = {**options, **head.resolved_options(device)}
     if prepared.partial and not head.accepts_annotated:
-        raise HeadzooError(f"the {config.head} head cannot use partially labelled data (annotated classes per "
-                           "case); use a head that can, e.g. 'sigmoid', or drop --partial")
+        raise HeadzooError(
+            f"the {config.head} head cannot use partially labelled data (annotated classes per "
+            "case); use a head that can, e.g. 'sigmoid', or drop --partial"
+        )
     network = SegmentationNetwork(backbone, head).to(device)
     try:
         batches = training_batches(prepared, config.patch, config.batch, config.seed)

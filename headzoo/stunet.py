@@ -14,6 +14,7 @@ constructor arguments as in dynamic_network_architectures; the defaults are the 
 (Conv3d with bias, affine InstanceNorm3d, LeakyReLU(0.01)). Like the reference, the network keeps
 PyTorch's default initialisation (no ``initialize`` hook).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -29,16 +30,27 @@ def _edges(value: int | Sequence[int], dims: int) -> list[int]:
 class BasicResBlock(nn.Module):
     """conv-norm-act, conv-norm, plus the input (through a strided 1×1 conv where shape changes), act."""
 
-    def __init__(self, input_channels: int, output_channels: int, kernel_size: Sequence[int],
-                 stride: Sequence[int] | int = 1, use_1x1conv: bool = False, conv_op: type = nn.Conv3d,
-                 conv_bias: bool = True, norm_op: type = nn.InstanceNorm3d, norm_op_kwargs: dict | None = None,
-                 nonlin: type = nn.LeakyReLU, nonlin_kwargs: dict | None = None):
+    def __init__(
+        self,
+        input_channels: int,
+        output_channels: int,
+        kernel_size: Sequence[int],
+        stride: Sequence[int] | int = 1,
+        use_1x1conv: bool = False,
+        conv_op: type = nn.Conv3d,
+        conv_bias: bool = True,
+        norm_op: type = nn.InstanceNorm3d,
+        norm_op_kwargs: dict | None = None,
+        nonlin: type = nn.LeakyReLU,
+        nonlin_kwargs: dict | None = None,
+    ):
         super().__init__()
         padding = [k // 2 for k in kernel_size]
         norm_op_kwargs = norm_op_kwargs or {}
         nonlin_kwargs = nonlin_kwargs or {}
-        self.conv1 = conv_op(input_channels, output_channels, kernel_size, stride=stride, padding=padding,
-                             bias=conv_bias)
+        self.conv1 = conv_op(
+            input_channels, output_channels, kernel_size, stride=stride, padding=padding, bias=conv_bias
+        )
         self.norm1 = norm_op(output_channels, **norm_op_kwargs)
         self.act1 = nonlin(**nonlin_kwargs)
         self.conv2 = conv_op(output_channels, output_channels, kernel_size, padding=padding, bias=conv_bias)
@@ -84,23 +96,40 @@ class STUNet(nn.Module):
     patch's downsampling budget keep their resolution and their weights.
     """
 
-    def __init__(self, input_channels: int, num_classes: int, n_stages: int = 6,
-                 features_per_stage: Sequence[int] = (32, 64, 128, 256, 512, 512),
-                 n_blocks_per_stage: Sequence[int] = (1, 1, 1, 1, 1, 1),
-                 kernel_sizes: Sequence[Sequence[int]] | None = None, strides: Sequence[Sequence[int]] | None = None,
-                 conv_op: type = nn.Conv3d, conv_bias: bool = True, norm_op: type = nn.InstanceNorm3d,
-                 norm_op_kwargs: dict | None = None, nonlin: type = nn.LeakyReLU, nonlin_kwargs: dict | None = None,
-                 deep_supervision: bool = False):
+    def __init__(
+        self,
+        input_channels: int,
+        num_classes: int,
+        n_stages: int = 6,
+        features_per_stage: Sequence[int] = (32, 64, 128, 256, 512, 512),
+        n_blocks_per_stage: Sequence[int] = (1, 1, 1, 1, 1, 1),
+        kernel_sizes: Sequence[Sequence[int]] | None = None,
+        strides: Sequence[Sequence[int]] | None = None,
+        conv_op: type = nn.Conv3d,
+        conv_bias: bool = True,
+        norm_op: type = nn.InstanceNorm3d,
+        norm_op_kwargs: dict | None = None,
+        nonlin: type = nn.LeakyReLU,
+        nonlin_kwargs: dict | None = None,
+        deep_supervision: bool = False,
+    ):
         super().__init__()
         dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[conv_op]
         kernel_sizes = [_edges(k, dims) for k in (kernel_sizes or [3] * n_stages)]
         strides = [_edges(s, dims) for s in (strides or [1] + [2] * (n_stages - 1))]
         if not len(features_per_stage) == len(n_blocks_per_stage) == len(kernel_sizes) == len(strides) == n_stages:
-            raise ValueError(f"STUNet: features_per_stage, n_blocks_per_stage, kernel_sizes and strides need "
-                             f"{n_stages} entries each (n_stages)")
-        layers = {"conv_op": conv_op, "conv_bias": conv_bias, "norm_op": norm_op,
-                  "norm_op_kwargs": {"eps": 1e-5, "affine": True} if norm_op_kwargs is None else norm_op_kwargs,
-                  "nonlin": nonlin, "nonlin_kwargs": {"inplace": True} if nonlin_kwargs is None else nonlin_kwargs}
+            raise ValueError(
+                f"STUNet: features_per_stage, n_blocks_per_stage, kernel_sizes and strides need "
+                f"{n_stages} entries each (n_stages)"
+            )
+        layers = {
+            "conv_op": conv_op,
+            "conv_bias": conv_bias,
+            "norm_op": norm_op,
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True} if norm_op_kwargs is None else norm_op_kwargs,
+            "nonlin": nonlin,
+            "nonlin_kwargs": {"inplace": True} if nonlin_kwargs is None else nonlin_kwargs,
+        }
         self.input_channels, self.num_classes = input_channels, num_classes
         self.strides = strides
         self.decoder = _DeepSupervisionSwitch(deep_supervision)
@@ -108,20 +137,29 @@ class STUNet(nn.Module):
         def stage(in_channels: int, d: int, stride: Sequence[int]) -> nn.Sequential:
             return nn.Sequential(
                 BasicResBlock(in_channels, features_per_stage[d], kernel_sizes[d], stride, use_1x1conv=True, **layers),
-                *[BasicResBlock(features_per_stage[d], features_per_stage[d], kernel_sizes[d], **layers)
-                  for _ in range(n_blocks_per_stage[d] - 1)])
+                *[
+                    BasicResBlock(features_per_stage[d], features_per_stage[d], kernel_sizes[d], **layers)
+                    for _ in range(n_blocks_per_stage[d] - 1)
+                ],
+            )
 
         self.conv_blocks_context = nn.ModuleList(
-            [stage(input_channels if d == 0 else features_per_stage[d - 1], d, strides[d]) for d in range(n_stages)])
+            [stage(input_channels if d == 0 else features_per_stage[d - 1], d, strides[d]) for d in range(n_stages)]
+        )
         # decoder stage u works at encoder stage d = n_stages - 2 - u
         decoder_stages = range(n_stages - 2, -1, -1)
         self.upsample_layers = nn.ModuleList(
-            [UpsampleLayerNearest(features_per_stage[d + 1], features_per_stage[d], strides[d + 1], conv_op)
-             for d in decoder_stages])
+            [
+                UpsampleLayerNearest(features_per_stage[d + 1], features_per_stage[d], strides[d + 1], conv_op)
+                for d in decoder_stages
+            ]
+        )
         self.conv_blocks_localization = nn.ModuleList(
-            [stage(2 * features_per_stage[d], d, [1] * dims) for d in decoder_stages])
+            [stage(2 * features_per_stage[d], d, [1] * dims) for d in decoder_stages]
+        )
         self.seg_outputs = nn.ModuleList(
-            [conv_op(features_per_stage[d], num_classes, kernel_size=1) for d in decoder_stages])
+            [conv_op(features_per_stage[d], num_classes, kernel_size=1) for d in decoder_stages]
+        )
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         skips = []
@@ -136,4 +174,3 @@ class STUNet(nn.Module):
                 outputs.append(self.seg_outputs[u](x))
         # nnU-Net ≥ 2.4's order: full resolution first
         return outputs[::-1] if self.decoder.deep_supervision else outputs[-1]
-

@@ -8,6 +8,7 @@ killer) or ``error`` with its last line of stderr. Rows already ``ok`` in the re
 ``skipped`` unless ``overwrite``; cells run locally one after another (measurements must not share
 the machine), or on SLURM through submitit. A child dies with the sweep (no orphan competes with a rerun).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -46,12 +47,13 @@ class SweepConfig:
     out: Path
     overwrite: bool = False
     executor: str = "local"
-    cluster: str | None = None      # submitit: None = auto (SLURM where available), "local" for tests
+    cluster: str | None = None  # submitit: None = auto (SLURM where available), "local" for tests
 
 
 def plan_grid(settings: dict, heads: list[tuple[str, dict]], classes: list[int], seeds: list[int]) -> list[Cell]:
     """One validated cell per head (with options) × class count × seed; bad input fails here, before any cell."""
     from headzoo.runner import validate
+
     if not heads:
         raise HeadzooError("--heads and --variant name no head")
     base = RunConfig(head=heads[0][0], **settings)
@@ -72,8 +74,9 @@ def _die_with_parent() -> None:
 
 def run_cell(command: list[str]) -> tuple[int, str]:
     """Run one cell's `headzoo run` in its own process; (exit status, stderr)."""
-    completed = subprocess.run(command, capture_output=True, text=True,
-                               preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    completed = subprocess.run(
+        command, capture_output=True, text=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None
+    )
     return completed.returncode, completed.stderr
 
 
@@ -86,16 +89,21 @@ def _device_name(config: SweepConfig, cell: Cell) -> str | None:
     if config.executor != "local":
         return None
     from headzoo.runner import device_name, resolve_device
+
     return device_name(resolve_device(cell.config.device))
 
 
 def plan_cells(config: SweepConfig) -> None:
     from headzoo.runner import dataset_fingerprint
+
     done = [r for r in read_records(config.out) if r.get("status") == "ok" and r.get("device_name") is not None]
     for cell in config.cells:
         device = _device_name(config, cell)
-        cell.identity = {**to_record(cell.config), "dataset_fingerprint": dataset_fingerprint(cell.config),
-                         "device_name": device}
+        cell.identity = {
+            **to_record(cell.config),
+            "dataset_fingerprint": dataset_fingerprint(cell.config),
+            "device_name": device,
+        }
         key = record_key(cell.identity)
         if not config.overwrite and any(record_key(r, ignore_device=device is None) == key for r in done):
             cell.status = "skipped"
@@ -113,8 +121,13 @@ def _finish(config: SweepConfig, cell: Cell, status_code: int, stderr: str) -> N
     killed = status_code in (-signal.SIGKILL, 137)
     cell.status = "oom" if killed or status_code == OUT_OF_MEMORY_EXIT else "error"
     cell.message = "killed (out of memory)" if killed else message
-    cell.record = {"schema_version": SCHEMA_VERSION, **cell.identity, "request": to_record(cell.config),
-                   "status": cell.status, "error": cell.message}
+    cell.record = {
+        "schema_version": SCHEMA_VERSION,
+        **cell.identity,
+        "request": to_record(cell.config),
+        "status": cell.status,
+        "error": cell.message,
+    }
     upsert_record(config.out, cell.record)
 
 
@@ -126,11 +139,17 @@ def render_table(config: SweepConfig) -> Table:
     for cell in config.cells:
         r = cell.record or {}
         dice = r.get("dice_mean")
-        table.add_row(cell.label, str(cell.config.classes), str(cell.config.seed),
-                      f"[{colours.get(cell.status, 'white')}]{cell.status}[/]",
-                      "–" if dice is None else f"{dice:.3f}", format_bytes(r.get("peak_memory_bytes")),
-                      format_seconds(r.get("step_time_median_s")), format_seconds(r.get("wall_time_s")),
-                      cell.message[:60])
+        table.add_row(
+            cell.label,
+            str(cell.config.classes),
+            str(cell.config.seed),
+            f"[{colours.get(cell.status, 'white')}]{cell.status}[/]",
+            "–" if dice is None else f"{dice:.3f}",
+            format_bytes(r.get("peak_memory_bytes")),
+            format_seconds(r.get("step_time_median_s")),
+            format_seconds(r.get("wall_time_s")),
+            cell.message[:60],
+        )
     return table
 
 

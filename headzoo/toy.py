@@ -13,6 +13,7 @@ brightness/contrast/gamma augmentation and the backbone's instance norm (issue 9
 C = 100 either way); a bright-versus-dim pattern across channels does, so the class is learnable in
 minutes on a CPU and what separates the heads is how they map features to many classes.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,12 @@ LEXICODE_WORDS = 4096  # class codes are drawn from (at most) this many words of
 
 @dataclass(frozen=True)
 class ToyPreset:
-    volume: int          # edge of the cubic volume, voxels
-    box: int             # edge of the cubic box a shape lives in
-    objects: int         # objects per volume (at most C−1)
-    volumes: int         # volumes in all
-    train: int           # the first `train` volumes are training cases, the rest test cases
-    code_bits: int = 0   # 0: one channel, class c ~ N(μ_c, σ_c) (§2.4); B > 0: B channels carrying a class code
+    volume: int  # edge of the cubic volume, voxels
+    box: int  # edge of the cubic box a shape lives in
+    objects: int  # objects per volume (at most C−1)
+    volumes: int  # volumes in all
+    train: int  # the first `train` volumes are training cases, the rest test cases
+    code_bits: int = 0  # 0: one channel, class c ~ N(μ_c, σ_c) (§2.4); B > 0: B channels carrying a class code
 
 
 PRESETS: dict[str, ToyPreset] = {
@@ -76,7 +77,7 @@ def perlin_noise(size: int, cells: int, rng: np.random.Generator) -> np.ndarray:
     coords = np.stack(np.meshgrid(*[np.linspace(0, cells, size, endpoint=False)] * 3, indexing="ij"), -1)
     cell = np.floor(coords).astype(int)
     frac = coords - cell
-    fade = frac ** 3 * (frac * (frac * 6 - 15) + 10)
+    fade = frac**3 * (frac * (frac * 6 - 15) + 10)
     noise = np.zeros((size,) * 3)
     for corner in np.ndindex(2, 2, 2):
         offset = np.array(corner)
@@ -123,7 +124,7 @@ def volume_classes(g: int, num_classes: int, objects: int) -> list[int]:
 def lexicode(bits: int, distance: int, words: int) -> np.ndarray:
     """The first `words` words of the binary lexicode: 0, 1, …, 2^bits − 1 in order, each kept when it is at
     least `distance` (Hamming) from every word kept before (fewer if the code has fewer)."""
-    code, candidates = [], np.arange(2 ** bits)
+    code, candidates = [], np.arange(2**bits)
     while candidates.size and len(code) < words:
         code.append(candidates[0])  # the smallest word far enough from all kept so far
         candidates = candidates[np.bitwise_count(candidates ^ candidates[0]) >= distance]
@@ -134,8 +135,8 @@ def class_codes(shapes: int, bits: int, rng: np.random.Generator) -> np.ndarray:
     """(shapes, bits) bool: a distinct non-zero code word per class, drawn at random from the lexicode with
     the largest minimum Hamming distance that has `shapes` non-zero words (lexicodes are linear, so every
     bit is set in half of the code's words)."""
-    if shapes > 2 ** bits - 1:
-        raise HeadzooError(f"a {bits}-bit class code has only {2 ** bits - 1} non-zero words, {shapes} classes asked for")
+    if shapes > 2**bits - 1:
+        raise HeadzooError(f"a {bits}-bit class code has only {2**bits - 1} non-zero words, {shapes} classes asked for")
     for distance in range(bits, 0, -1):
         code = lexicode(bits, distance, max(shapes + 1, LEXICODE_WORDS))
         if len(code) > shapes:
@@ -144,8 +145,9 @@ def class_codes(shapes: int, bits: int, rng: np.random.Generator) -> np.ndarray:
     return (words[:, None] >> np.arange(bits)) & 1 == 1
 
 
-def make_volume(g: int, shapes: list[np.ndarray], appearance: np.ndarray, preset: ToyPreset,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+def make_volume(
+    g: int, shapes: list[np.ndarray], appearance: np.ndarray, preset: ToyPreset, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Image (channels, *volume), label map and the number of objects that found no free place.
 
     `appearance` is (C, 2): each class's mean and standard deviation (one channel, §2.4), or (C, B) bool:
@@ -156,7 +158,7 @@ def make_volume(g: int, shapes: list[np.ndarray], appearance: np.ndarray, preset
         shape = shapes[c - 1]
         for _ in range(200):  # greedy: first random position that overlaps nothing placed so far
             x, y, z = rng.integers(0, preset.volume - preset.box + 1, 3)
-            region = label[x:x + preset.box, y:y + preset.box, z:z + preset.box]
+            region = label[x : x + preset.box, y : y + preset.box, z : z + preset.box]
             if not region[shape].any():
                 region[shape] = c
                 break
@@ -184,11 +186,11 @@ def source_classes(num_classes: int, sources: int, preset: ToyPreset) -> list[li
 
 def _write_nifti(array: np.ndarray, path: Path) -> None:
     import SimpleITK as sitk
+
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
 
 
-def write_toy_dataset(out: Path, num_classes: int, preset_name: str = "small", seed: int = 0,
-                      sources: int = 1) -> Path:
+def write_toy_dataset(out: Path, num_classes: int, preset_name: str = "small", seed: int = 0, sources: int = 1) -> Path:
     """Write the toy dataset in nnU-Net raw format to `out`, atomically (temp folder, then rename).
 
     With sources = K > 1 the training volumes come from K source datasets (volume g from source
@@ -238,14 +240,21 @@ def write_toy_dataset(out: Path, num_classes: int, preset_name: str = "small", s
                 _write_nifti(label, staging / f"labels{split}" / f"toy_{g:04d}.nii.gz")
                 bar.advance(task)
         dataset = {
-            "channel_names": ({str(k): f"code bit {k}" for k in range(preset.code_bits)} if preset.code_bits
-                              else {"0": "toy"}),
+            "channel_names": (
+                {str(k): f"code bit {k}" for k in range(preset.code_bits)} if preset.code_bits else {"0": "toy"}
+            ),
             "labels": {"background": 0, **{f"class_{c:04d}": c for c in range(1, num_classes)}},
             "numTraining": preset.train,
             "file_ending": ".nii.gz",
-            "headzoo": {"preset": preset_name, **asdict(preset), "classes": num_classes, "seed": seed,
-                        "unplaced_objects": unplaced, "sources": sources,
-                        **({"source_classes": annotated, "case_sources": case_sources} if sources > 1 else {})},
+            "headzoo": {
+                "preset": preset_name,
+                **asdict(preset),
+                "classes": num_classes,
+                "seed": seed,
+                "unplaced_objects": unplaced,
+                "sources": sources,
+                **({"source_classes": annotated, "case_sources": case_sources} if sources > 1 else {}),
+            },
         }
         (staging / "dataset.json").write_text(json.dumps(dataset, indent=1))
         os.replace(staging, out)

@@ -3,6 +3,7 @@ AdamW with the chunked-basis paper's settings, one memory-measured and many time
 Dice at the averaged weights every `eval_every` steps (a learning curve), outside the timed steps and
 outside the training time. The batches and the held-out cases are given (``loaders.training_batches``,
 ``dataset.HeldOutSet.of`` for a run): the loop itself reads no dataset."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,14 @@ from headzoo.backbone import SegmentationNetwork
 from headzoo.config import RunConfig
 from headzoo.errors import ContractViolation
 from headzoo.inference import DiceCounter, segment
-from headzoo.measure import GradientReceivers, is_out_of_memory, measure_peak_memory, optimizer_state_complete, \
-    summarize_times, timed
+from headzoo.measure import (
+    GradientReceivers,
+    is_out_of_memory,
+    measure_peak_memory,
+    optimizer_state_complete,
+    summarize_times,
+    timed,
+)
 from headzoo.dataset import HeldOutSet
 from headzoo.progress import progress_bar
 from headzoo.results import DICE_DEFINITION
@@ -33,6 +40,7 @@ MEMORY_STEP_WAIT = 20
 
 def build_optimizer(network: SegmentationNetwork, steps: int, lr: float):
     import schedulefree
+
     """ScheduleFree AdamW over the network: the head's own groups (Head.configure_optimizer, given the shared
     settings), every other parameter with the shared settings."""
     groups = network.head.configure_optimizer(lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
@@ -41,8 +49,9 @@ def build_optimizer(network: SegmentationNetwork, steps: int, lr: float):
     else:
         grouped = {id(p) for g in groups for p in g["params"]}
         params = [{"params": [p for p in network.parameters() if id(p) not in grouped]}, *groups]
-    return schedulefree.AdamWScheduleFree(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY,
-                                          warmup_steps=max(1, round(WARMUP_FRACTION * steps)))
+    return schedulefree.AdamWScheduleFree(
+        params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, warmup_steps=max(1, round(WARMUP_FRACTION * steps))
+    )
 
 
 class TrainStep:
@@ -68,8 +77,10 @@ class TrainStep:
         with self.autocast_region():
             output = self.network(image)
             if output.shape[1] > head.num_classes:
-                raise ContractViolation(f"the {config.head} head's output has {output.shape[1]} channels, more "
-                                        f"than its {head.num_classes} classes")
+                raise ContractViolation(
+                    f"the {config.head} head's output has {output.shape[1]} channels, more "
+                    f"than its {head.num_classes} classes"
+                )
             loss = head.loss(output, target, annotated)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
@@ -117,23 +128,38 @@ def averaged_weights(network: SegmentationNetwork, optimizer):
         network.train()
 
 
-def evaluate(config: RunConfig, network: SegmentationNetwork, optimizer, held_out: HeldOutSet,
-             show_progress: bool, label: str) -> DiceCounter:
+def evaluate(
+    config: RunConfig, network: SegmentationNetwork, optimizer, held_out: HeldOutSet, show_progress: bool, label: str
+) -> DiceCounter:
     """Held-out Dice, as nnU-Net evaluates, of sliding-window predictions at the schedule-free averaged weights,
     exported to each case's original geometry and compared with its raw reference label file."""
     counter = DiceCounter(config.classes, held_out.ignore_label)
     with averaged_weights(network, optimizer), torch.no_grad(), progress_bar() as bar:
         task = bar.add_task(label, total=len(held_out.cases), visible=show_progress)
         for case in held_out.cases:
-            prediction = segment(network, network.head, case.image, config.patch, case.properties,
-                                 held_out.plans_manager, held_out.configuration, held_out.dataset_json)
+            prediction = segment(
+                network,
+                network.head,
+                case.image,
+                config.patch,
+                case.properties,
+                held_out.plans_manager,
+                held_out.configuration,
+                held_out.dataset_json,
+            )
             counter.update(prediction, case.reference, case.key, config.head)
             bar.advance(task)
     return counter
 
 
-def train_and_evaluate(config: RunConfig, network: SegmentationNetwork, device: torch.device,
-                       batches: Iterator[dict], held_out: HeldOutSet, show_progress: bool) -> dict:
+def train_and_evaluate(
+    config: RunConfig,
+    network: SegmentationNetwork,
+    device: torch.device,
+    batches: Iterator[dict],
+    held_out: HeldOutSet,
+    show_progress: bool,
+) -> dict:
     """Train `network` for config.steps batches from `batches` (``data``, ``target``, ``annotated``: a (b, C)
     mask of the classes each case annotates, or None), measure one step's memory and time the others, and
     evaluate on `held_out` (every config.eval_every steps and at the end): the record's measured fields."""
@@ -153,8 +179,11 @@ def train_and_evaluate(config: RunConfig, network: SegmentationNetwork, device: 
             fetched = time.perf_counter()
             batch = next(batches)  # data side, outside the measured step: the annotated-class mask too
             data_time += time.perf_counter() - fetched
-            if peak is None and index >= config.warmup and (optimizer_state_complete(optimizer, receivers.received)
-                                                              or index == memory_deadline):
+            if (
+                peak is None
+                and index >= config.warmup
+                and (optimizer_state_complete(optimizer, receivers.received) or index == memory_deadline)
+            ):
                 state_complete = optimizer_state_complete(optimizer, receivers.received)
                 receivers.close()
                 peak = measure_peak_memory(lambda: step(batch), device, network, optimizer)  # the rest timed
@@ -164,10 +193,15 @@ def train_and_evaluate(config: RunConfig, network: SegmentationNetwork, device: 
                 step(batch)
             else:
                 times.append(timed(lambda: step(batch), device))
-            bar.update(task, advance=1, description=f"train {config.head} C={config.classes} "
-                                                     f"loss {step.losses[-1]:.3f}")
-            if config.eval_every and (index + 1) % config.eval_every == 0 and index + 1 < config.steps \
-                    and evaluation_oom is None:
+            bar.update(
+                task, advance=1, description=f"train {config.head} C={config.classes} loss {step.losses[-1]:.3f}"
+            )
+            if (
+                config.eval_every
+                and (index + 1) % config.eval_every == 0
+                and index + 1 < config.steps
+                and evaluation_oom is None
+            ):
                 evaluated = time.perf_counter()
                 trained = evaluated - started - eval_time
                 counter, evaluation_oom = _evaluate_unless_oom(config, network, optimizer, held_out, False, "")
@@ -178,31 +212,49 @@ def train_and_evaluate(config: RunConfig, network: SegmentationNetwork, device: 
 
     evaluated = time.perf_counter()
     if evaluation_oom is None:
-        counter, evaluation_oom = _evaluate_unless_oom(config, network, optimizer, held_out, show_progress,
-                                                       "sliding-window evaluation")
+        counter, evaluation_oom = _evaluate_unless_oom(
+            config, network, optimizer, held_out, show_progress, "sliding-window evaluation"
+        )
     if config.eval_every and evaluation_oom is None:
         curve.append(_curve_point(config.steps, train_time, counter))
     dice = {"dice_mean": None, "dice_worst10_mean": None, "dice_pooled_mean": None, "dice_classes_present": None}
     if evaluation_oom is None:
-        dice = {"dice_mean": counter.mean_foreground(), "dice_worst10_mean": counter.worst_mean(0.1),
-                "dice_pooled_mean": counter.pooled_mean(), "dice_classes_present": counter.classes_scored()}
+        dice = {
+            "dice_mean": counter.mean_foreground(),
+            "dice_worst10_mean": counter.worst_mean(0.1),
+            "dice_pooled_mean": counter.pooled_mean(),
+            "dice_classes_present": counter.classes_scored(),
+        }
     else:  # the record's status: training ran and was measured, evaluation did not fit
-        dice.update(status="oom", oom_phase="evaluation",
-                    error=f"{type(evaluation_oom).__name__}: {(str(evaluation_oom).splitlines() or [''])[0]}"[:500])
+        dice.update(
+            status="oom",
+            oom_phase="evaluation",
+            error=f"{type(evaluation_oom).__name__}: {(str(evaluation_oom).splitlines() or [''])[0]}"[:500],
+        )
     return {
-        **dice, "dice_definition": DICE_DEFINITION,
-        "peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind, "peak_rss_bytes": peak.rss_bytes,
-        "external_memory_bytes": external_bytes, "memory_step": memory_step,
+        **dice,
+        "dice_definition": DICE_DEFINITION,
+        "peak_memory_bytes": peak.bytes,
+        "peak_memory_kind": peak.kind,
+        "peak_rss_bytes": peak.rss_bytes,
+        "external_memory_bytes": external_bytes,
+        "memory_step": memory_step,
         "memory_step_optimizer_state_complete": state_complete,
-        **summarize_times(times), "timed_steps": len(times),
-        "loss_first": step.losses[0], "loss_last": float(np.mean(step.losses[-10:])),
-        "train_time_s": train_time, "data_time_s": data_time, "data_share": data_time / train_time,
-        "eval_time_s": time.perf_counter() - evaluated, "curve": curve or None,
+        **summarize_times(times),
+        "timed_steps": len(times),
+        "loss_first": step.losses[0],
+        "loss_last": float(np.mean(step.losses[-10:])),
+        "train_time_s": train_time,
+        "data_time_s": data_time,
+        "data_share": data_time / train_time,
+        "eval_time_s": time.perf_counter() - evaluated,
+        "curve": curve or None,
     }
 
 
-def _evaluate_unless_oom(config: RunConfig, network: SegmentationNetwork, optimizer, held_out: HeldOutSet,
-                         show_progress: bool, label: str) -> tuple[DiceCounter | None, BaseException | None]:
+def _evaluate_unless_oom(
+    config: RunConfig, network: SegmentationNetwork, optimizer, held_out: HeldOutSet, show_progress: bool, label: str
+) -> tuple[DiceCounter | None, BaseException | None]:
     """`evaluate`, or the out-of-memory error it raised (sliding windows over C channels can need more than a
     training step: dense at C = 1000, 192³ holds a C × volume fp32 buffer)."""
     try:
@@ -214,5 +266,9 @@ def _evaluate_unless_oom(config: RunConfig, network: SegmentationNetwork, optimi
 
 
 def _curve_point(steps: int, train_seconds: float, counter: DiceCounter) -> dict:
-    return {"step": steps, "train_time_s": round(train_seconds, 3), "dice_mean": counter.mean_foreground(),
-            "dice_worst10_mean": counter.worst_mean(0.1)}
+    return {
+        "step": steps,
+        "train_time_s": round(train_seconds, 3),
+        "dice_mean": counter.mean_foreground(),
+        "dice_worst10_mean": counter.worst_mean(0.1),
+    }

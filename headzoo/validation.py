@@ -10,6 +10,7 @@ labels, NaNs, image/label shape and spacing, channel count). What nnU-Net prints
 reader's bare ``RuntimeError()`` after printing its reason, a 4D label file, a truncated ``.nii``) becomes
 the one line. ``headzoo predict`` reads its input cases through the same checks before predicting.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,16 +60,22 @@ def check_dataset_labels(folder: Path, dataset_json: dict) -> int:
     """The number of classes C (background included) of a dataset.json's labels, or one line saying why
     headzoo cannot train them: regions, or labels that are not nnU-Net's consecutive 0, 1, 2, …"""
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
     declared = dataset_json["labels"]
     where = f"{Path(folder).name}/dataset.json"
     if not isinstance(declared, dict):
         raise HeadzooError(f"{where}: 'labels' must map names to label values, got {declared!r}")
-    if dataset_json.get("regions_class_order") is not None or \
-            any(isinstance(v, (list, tuple)) and len(v) > 1 for v in declared.values()):
-        raise HeadzooError(f"{where} declares region-based labels (regions_class_order): headzoo trains one "
-                           "label per voxel, regions are not supported")
-    if not all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, list) and len(v) == 1
-               and isinstance(v[0], int) for v in declared.values()):
+    if dataset_json.get("regions_class_order") is not None or any(
+        isinstance(v, (list, tuple)) and len(v) > 1 for v in declared.values()
+    ):
+        raise HeadzooError(
+            f"{where} declares region-based labels (regions_class_order): headzoo trains one "
+            "label per voxel, regions are not supported"
+        )
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) or isinstance(v, list) and len(v) == 1 and isinstance(v[0], int)
+        for v in declared.values()
+    ):
         raise HeadzooError(f"{where}: label values must be integers, got {declared}")
     try:
         labels = LabelManager(declared, regions_class_order=None)
@@ -76,8 +83,10 @@ def check_dataset_labels(folder: Path, dataset_json: dict) -> int:
         raise HeadzooError(f"{where}: {error}") from None
     values = labels.all_labels + ([labels.ignore_label] if labels.has_ignore_label else [])
     if np.any(np.diff(values) != 1):  # background 0 is LabelManager's own check
-        raise HeadzooError(f"{where}: labels must be consecutive (0, 1, 2, ..., the ignore label last), as nnU-Net "
-                           f"requires; declared: {', '.join(map(str, values))}")
+        raise HeadzooError(
+            f"{where}: labels must be consecutive (0, 1, 2, ..., the ignore label last), as nnU-Net "
+            f"requires; declared: {', '.join(map(str, values))}"
+        )
     return len(labels.foreground_labels) + 1
 
 
@@ -93,9 +102,11 @@ def _reader(dataset_json: dict, example: Path, where: str):
     """The reader nnU-Net chooses for the dataset (the first for its file ending that reads `example`); where
     none can, the first one's reason for `example`, in one line."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
     try:
-        return _check_case(where, lambda: determine_reader_writer_from_dataset_json(dataset_json, str(example),
-                                                                                     verbose=False))
+        return _check_case(
+            where, lambda: determine_reader_writer_from_dataset_json(dataset_json, str(example), verbose=False)
+        )
     except HeadzooError:
         first = determine_reader_writer_from_dataset_json(dataset_json, None, verbose=False)
         _check_case(where, lambda: first().read_images([str(example)]))
@@ -124,8 +135,10 @@ def validate_raw_dataset(folder: Path) -> dict:
         images = sorted((folder / f"images{split}").glob(f"*_0000{ending}"))
         labels = sorted((folder / f"labels{split}").glob(f"*{ending}"))
         if not images or len(images) != len(labels):
-            raise HeadzooError(f"{folder}: images{split}/ and labels{split}/ must hold matching cases "
-                               f"({len(images)} images, {len(labels)} labels)")
+            raise HeadzooError(
+                f"{folder}: images{split}/ and labels{split}/ must hold matching cases "
+                f"({len(images)} images, {len(labels)} labels)"
+            )
     return dataset_json
 
 
@@ -144,8 +157,9 @@ def verify_raw_dataset(folder: Path, dataset_json: dict) -> None:
         for key, images, label in _cases(folder, split, ending):
             where = f"{folder.name}/labels{split}/{key}"
             if len(images) != channels:
-                raise HeadzooError(f"{folder.name}/images{split}/{key}: {len(images)} image channels, "
-                                   f"dataset.json declares {channels}")
+                raise HeadzooError(
+                    f"{folder.name}/images{split}/{key}: {len(images)} image channels, dataset.json declares {channels}"
+                )
             for path in (*images, label):
                 if path.name.endswith(".gz"):
                     check_gzip(path)
@@ -153,8 +167,13 @@ def verify_raw_dataset(folder: Path, dataset_json: dict) -> None:
                 reader = _reader(dataset_json, images[0], where)
                 segmentation, _ = _check_case(where, lambda: reader().read_seg(str(label)))
                 _refuse_2d(where, segmentation.shape, "2D datasets are not supported (headzoo's backbones are 3D)")
-            _check_case(where, lambda: verify_labels(str(label), reader, expected) and
-                        check_cases([str(p) for p in images], str(label), channels, reader))
+            _check_case(
+                where,
+                lambda: (
+                    verify_labels(str(label), reader, expected)
+                    and check_cases([str(p) for p in images], str(label), channels, reader)
+                ),
+            )
 
 
 def check_prediction_case(case: str, files: list[str], reader_class, three_d: bool) -> None:

@@ -1,5 +1,6 @@
 """Test set-up: a private headzoo cache, and the dummy plug-in distribution installed (into a
 folder on sys.path) before collection, so the conformance suite sees it like any registered head."""
+
 import os
 import subprocess
 import sys
@@ -22,8 +23,21 @@ PLUGIN_TARGET = Path(os.environ["HEADZOO_CACHE"]) / "plugin-site"
 
 def _install_plugin() -> None:
     if not (PLUGIN_TARGET / "headzoo_dummy_head.py").exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--target", str(PLUGIN_TARGET), str(PLUGIN_SOURCE)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--no-build-isolation",
+                "--target",
+                str(PLUGIN_TARGET),
+                str(PLUGIN_SOURCE),
+            ],
+            check=True,
+        )
     sys.path.insert(0, str(PLUGIN_TARGET))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_TARGET), os.environ.get("PYTHONPATH")]))
 

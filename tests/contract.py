@@ -2,6 +2,7 @@
 test_conformance.py runs them over every registered head and its declared variants; test_contract.py shows
 each one fails for a broken head.
 A failed check says which head, and which parameter or class, broke which rule."""
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,10 @@ def check_predict_is_argmax_of_logits(head: Head) -> None:
     top2 = logits.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-5 * top2[:, 0].abs().clamp_min(1)  # not a numerical tie
     wrong = (prediction != expected) & clear
-    assert not wrong.any(), (f"{type(head).__name__}: predict disagrees with the argmax of logits at "
-                             f"{int(wrong.sum())} of {wrong.numel()} voxels")
+    assert not wrong.any(), (
+        f"{type(head).__name__}: predict disagrees with the argmax of logits at "
+        f"{int(wrong.sum())} of {wrong.numel()} voxels"
+    )
 
 
 def check_every_parameter_gets_a_gradient(head: Head) -> None:
@@ -44,8 +47,9 @@ def check_every_parameter_gets_a_gradient(head: Head) -> None:
     loss = head.loss(head(features), target)
     assert loss.ndim == 0 and torch.isfinite(loss), f"{type(head).__name__}: loss {loss} is not a finite scalar"
     loss.backward()
-    assert features.grad is not None and torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0, \
+    assert features.grad is not None and torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0, (
         f"{type(head).__name__}: no finite gradient reaches the features"
+    )
     for name, parameter in head.named_parameters():
         if parameter.requires_grad:
             grad = parameter.grad
@@ -65,8 +69,12 @@ def check_param_groups_hold_only_own_parameters(head: Head) -> None:
     for group in groups:
         assert "weight_decay" in group, f"{type(head).__name__}: an optimizer group does not state its weight_decay"
         for parameter in group["params"]:
-            assert id(parameter) in own, f"{type(head).__name__}: configure_optimizer holds a parameter that is not the head's"
-            assert id(parameter) not in seen, f"{type(head).__name__}: parameter '{own[id(parameter)]}' is in two groups"
+            assert id(parameter) in own, (
+                f"{type(head).__name__}: configure_optimizer holds a parameter that is not the head's"
+            )
+            assert id(parameter) not in seen, (
+                f"{type(head).__name__}: parameter '{own[id(parameter)]}' is in two groups"
+            )
             seen.add(id(parameter))
 
 
@@ -93,8 +101,9 @@ def check_unannotated_class_contributes_nothing(head: Head) -> None:
     output = head(features).detach()
     annotated = torch.ones(B, head.num_classes, dtype=torch.bool)
     everything = head.loss(output, target, annotated)
-    assert torch.allclose(head.loss(output, target, None), everything), \
+    assert torch.allclose(head.loss(output, target, None), everything), (
         f"{type(head).__name__}: annotated=None differs from every class annotated"
+    )
     owners = own_channels(head, output)
     if not owners:
         return  # compact output: no class has a channel of its own to move (its variants are checked by value)
@@ -103,8 +112,9 @@ def check_unannotated_class_contributes_nothing(head: Head) -> None:
     moved = output.clone()
     moved[0, owners[cls]] += 3.0
     unchanged = head.loss(moved, target, annotated) - head.loss(output, target, annotated)
-    assert abs(float(unchanged)) < 1e-5, (f"{type(head).__name__}: class {cls}, unannotated in sample 0, "
-                                          f"still changes the loss by {float(unchanged):.3g}")
+    assert abs(float(unchanged)) < 1e-5, (
+        f"{type(head).__name__}: class {cls}, unannotated in sample 0, still changes the loss by {float(unchanged):.3g}"
+    )
     changed = head.loss(moved, target, torch.ones_like(annotated)) - everything
     assert abs(float(changed)) > 1e-5, f"{type(head).__name__}: class {cls}'s channel does not reach the loss"
 
@@ -112,6 +122,7 @@ def check_unannotated_class_contributes_nothing(head: Head) -> None:
 def training_step_peak_bytes(head: Head, num_features: int, spatial: tuple[int, ...]) -> int:
     """Peak live tensor bytes of the head's forward + loss + backward on fixed features (CPU, MemTracker)."""
     from torch.distributed._tools.mem_tracker import MemTracker
+
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(B, num_features, *spatial, generator=generator, requires_grad=True)
     target = torch.randint(0, head.num_classes, (B, 1, *spatial), generator=generator)
@@ -122,8 +133,9 @@ def training_step_peak_bytes(head: Head, num_features: int, spatial: tuple[int, 
     return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
 
 
-def check_compact_head_memory(make_head, num_features: int, spatial: tuple[int, ...],
-                              classes: tuple[int, int] = (200, 2000)) -> None:
+def check_compact_head_memory(
+    make_head, num_features: int, spatial: tuple[int, ...], classes: tuple[int, int] = (200, 2000)
+) -> None:
     """A head whose output has K < C channels never holds b×C×S: from C=200 to C=2000 its training step's peak
     grows by less than a tenth of what one float32 b×C×S logit tensor would add."""
     small, large = (training_step_peak_bytes(make_head(c), num_features, spatial) for c in classes)
@@ -131,4 +143,5 @@ def check_compact_head_memory(make_head, num_features: int, spatial: tuple[int, 
     name = type(make_head(classes[0])).__name__
     assert large - small < logit_growth / 10, (
         f"{name}: a training step's peak grows by {(large - small) / 2**20:.1f} MiB from C={classes[0]} to "
-        f"C={classes[1]}, over a tenth of what one b×C×S logit tensor adds ({logit_growth / 2**20:.1f} MiB)")
+        f"C={classes[1]}, over a tenth of what one b×C×S logit tensor adds ({logit_growth / 2**20:.1f} MiB)"
+    )

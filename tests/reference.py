@@ -2,11 +2,13 @@
 
 Written from the formula, not from headzoo's code: materialised softmax, one-hot by comparison.
 """
+
 import torch
 
 
-def reference_dc_and_ce(logits, target, batch_dice=True, do_bg=False, smooth=1e-5, weight_ce=1.0,
-                        weight_dice=1.0, ignore_label=None):
+def reference_dc_and_ce(
+    logits, target, batch_dice=True, do_bg=False, smooth=1e-5, weight_ce=1.0, weight_dice=1.0, ignore_label=None
+):
     logits = logits.double()
     y = target[:, 0].long()
     mask = torch.ones_like(y, dtype=torch.float64) if ignore_label is None else (y != ignore_label).double()
@@ -21,5 +23,5 @@ def reference_dc_and_ce(logits, target, batch_dice=True, do_bg=False, smooth=1e-
     if batch_dice:
         intersect, sum_p, sum_gt = intersect.sum(0), sum_p.sum(0), sum_gt.sum(0)
     dice = (2 * intersect + smooth) / (sum_gt + sum_p + smooth).clamp_min(1e-8)
-    dice = dice[..., (0 if do_bg else 1):]
+    dice = dice[..., (0 if do_bg else 1) :]
     return weight_ce * ce - weight_dice * dice.mean()

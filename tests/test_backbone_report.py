@@ -1,4 +1,5 @@
 """`headzoo backbones` and `headzoo run --backbone stu-s`, as a user runs them."""
+
 import json
 import os
 import subprocess
@@ -27,7 +28,8 @@ def test_backbones_lists_stunet_with_the_papers_counts():
 def test_unknown_backbone_is_one_line():
     result = _headzoo("backbones", "--only", "stu-xl")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "headzoo: error: unknown backbone 'stu-xl' (choose from small, resenc-m, resenc-l, stu-s, stu-b, stu-l, stu-h)"]
+        "headzoo: error: unknown backbone 'stu-xl' (choose from small, resenc-m, resenc-l, stu-s, stu-b, stu-l, stu-h)"
+    ]
 
 
 def test_measured_step_and_parameters_without_head():
@@ -41,8 +43,22 @@ def test_measured_step_and_parameters_without_head():
 @pytest.mark.slow
 def test_run_with_stu_s_takes_patch_and_network_from_the_plan(tmp_path):
     out = tmp_path / "results.jsonl"
-    result = _headzoo("run", "--preset", "tiny", "--backbone", "stu-s", "--head", "chunked", "--classes", "5",
-                      "--steps", "6", "--out", str(out), "--json")
+    result = _headzoo(
+        "run",
+        "--preset",
+        "tiny",
+        "--backbone",
+        "stu-s",
+        "--head",
+        "chunked",
+        "--classes",
+        "5",
+        "--steps",
+        "6",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["status"] == "ok" and record["backbone"] == "stu-s" and record["patch"] == [32, 32, 32]

@@ -1,6 +1,7 @@
 """headzoo.measure.measured (the one measurement of every benchmark) against byte counts worked out by hand,
 and the benchmarks' committed records: each table in leaderboard/ is what its records render to, and a
 records file that is not one is a one-line error."""
+
 import importlib.util
 import json
 import subprocess
@@ -58,6 +59,7 @@ def test_a_module_called_again_needs_repeated_modules():
         with torch.no_grad():
             for _ in range(3):
                 layer(inputs)
+
     with pytest.raises(NotImplementedError, match="multiple iterative calls"):
         with measured(torch.device("cpu"), layer):
             windows()
@@ -100,9 +102,12 @@ def test_loss_profile_memory_row_counts_the_direct_logits():
     classes, patch, cpu = 50, 8, torch.device("cpu")
     fn = loss_profile.loss_function("direct", None)
     row = loss_profile.memory_row(fn, loss_profile.make_inputs(classes, patch, cpu), cpu)
-    logits = loss_profile.BATCH * classes * patch ** 3 * 4
-    inputs = loss_profile.BATCH * loss_profile.RANK * patch ** 3 * 4 + loss_profile.RANK * classes * 4 + \
-        loss_profile.BATCH * patch ** 3 * 8
+    logits = loss_profile.BATCH * classes * patch**3 * 4
+    inputs = (
+        loss_profile.BATCH * loss_profile.RANK * patch**3 * 4
+        + loss_profile.RANK * classes * 4
+        + loss_profile.BATCH * patch**3 * 8
+    )
     assert row["forward_peak_bytes"] >= logits + inputs
     assert row == loss_profile.estimated_memory_row(fn, classes, patch)
 
@@ -111,7 +116,10 @@ def test_loss_profile_merge_keeps_measured_rows_and_renders_the_committed_table(
     loss_profile = benchmark("loss_profile")
     committed = ROOT / "leaderboard" / "loss_profile.jsonl"
     rows = loss_profile.read_records(committed)
-    assert loss_profile.render(loss_profile.read_table(committed)) == (ROOT / "leaderboard" / "loss_profile.md").read_text()
+    assert (
+        loss_profile.render(loss_profile.read_table(committed))
+        == (ROOT / "leaderboard" / "loss_profile.md").read_text()
+    )
     out = tmp_path / "profile.jsonl"
     measured_row = next(r for r in rows if r["status"] == "ok" and r["patch"] == 128)
     loss_profile.write([measured_row], out)
@@ -145,14 +153,19 @@ def test_knn_backends_records_and_a_small_run(tmp_path):
     assert "| 10 | predict: k = 1 |" in (tmp_path / "knn.md").read_text()
 
 
-@pytest.mark.parametrize("name,out", [("knn_backends", "bad"), ("inference_memory", "bad"),
-                                      ("loss_profile", "bad.jsonl")])
+@pytest.mark.parametrize(
+    "name,out", [("knn_backends", "bad"), ("inference_memory", "bad"), ("loss_profile", "bad.jsonl")]
+)
 def test_a_records_file_that_is_not_one_is_a_one_line_error(tmp_path, name, out):
     (tmp_path / "bad.jsonl").write_text('{"classes": 5}\n')
     loaded = benchmark(name)
     with pytest.raises(HeadzooError, match=r"bad.jsonl:1 is not a"):
         loaded.read_records(tmp_path / "bad.jsonl")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(tmp_path / out)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(tmp_path / out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and result.stderr.strip().count("\n") == 0, result.stderr[-2000:]
     assert "bad.jsonl:1 is not a" in result.stderr

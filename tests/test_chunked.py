@@ -1,4 +1,5 @@
 """The chunked loss is exact: nnU-Net's loss at float32 tolerance, a float64 restatement at ~1e-12."""
+
 import pytest
 import torch
 
@@ -21,7 +22,11 @@ def _logits(basis, operator):
 
 
 CASES = [  # (b, C, chunk, batch_dice, absent classes)
-    (1, 13, 4, True, 0), (2, 13, 4, True, 5), (2, 13, 4, False, 0), (1, 10, 3, False, 4), (2, 7, 30, True, 2),
+    (1, 13, 4, True, 0),
+    (2, 13, 4, True, 5),
+    (2, 13, 4, False, 0),
+    (1, 10, 3, False, 4),
+    (2, 7, 30, True, 2),
 ]
 
 
@@ -57,8 +62,9 @@ def test_ignore_label_and_loss_options(batch_dice):
     loss = chunked_dc_and_ce_loss(basis, operator, target, 4, **options)
     reference = reference_dc_and_ce(_logits(basis, operator), target, **options)
     torch.testing.assert_close(loss, reference, rtol=0, atol=1e-12)
-    for got, want in zip(torch.autograd.grad(loss, (basis, operator)),
-                         torch.autograd.grad(reference, (basis, operator))):
+    for got, want in zip(
+        torch.autograd.grad(loss, (basis, operator)), torch.autograd.grad(reference, (basis, operator))
+    ):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -77,8 +83,7 @@ def test_gradients_reach_features_through_the_basis_conv():
 
 def test_gradcheck():
     basis, operator, target = _problem(1, 6, rank=3, spatial=(3, 2, 2))
-    torch.autograd.gradcheck(lambda b, e: chunked_dc_and_ce_loss(b, e, target, 4, batch_dice=False),
-                             (basis, operator))
+    torch.autograd.gradcheck(lambda b, e: chunked_dc_and_ce_loss(b, e, target, 4, batch_dice=False), (basis, operator))
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 30, 1000])
@@ -98,6 +103,7 @@ def test_rank_above_class_count_is_rejected():
 def test_never_holds_a_b_by_c_by_s_tensor():
     """Peak live tensor bytes of forward + backward stay far below one b×C×S float tensor."""
     from torch.distributed._tools.mem_tracker import MemTracker
+
     b, num_classes, spatial = 2, 2000, (16, 16, 16)
     basis, operator, target = _problem(b, num_classes, rank=8, spatial=spatial, dtype=torch.float32)
     tracker = MemTracker()
@@ -105,5 +111,5 @@ def test_never_holds_a_b_by_c_by_s_tensor():
     with tracker:
         chunked_dc_and_ce_loss(basis, operator, target, 30).backward()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    one_logit_tensor = b * num_classes * 16 ** 3 * 4
+    one_logit_tensor = b * num_classes * 16**3 * 4
     assert peak < one_logit_tensor / 10

@@ -12,6 +12,7 @@ largest error over the largest reference entry): fp32 1e-5, fp16 1e-3 (Cut Cross
 bf16 2e-2 (twice Cut Cross-Entropy's: the Dice term's logit gradients cancel over classes, and at
 C = 2 the bf16 rounding of ∂z before its dot with E shows at 1.1e-2).
 """
+
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ LOSS_TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2
 @pytest.fixture(scope="module")
 def kernels():
     from headzoo.heads import chunked_triton
+
     if not chunked_triton.INTERPRETED and not torch.cuda.is_available():
         pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no CUDA device")
     return chunked_triton
@@ -60,8 +62,11 @@ def _loss_and_grads(loss_fn, basis, operator):
 
 def _reference(basis, operator, target, **options):
     """Loss and gradients in float64 on the CPU from the same (rounded) inputs: logits materialised."""
-    return _loss_and_grads(lambda x, e: reference_dc_and_ce(torch.einsum("br...,rc->bc...", x, e), target.cpu(),
-                                                            **options), basis.cpu().double(), operator.cpu().double())
+    return _loss_and_grads(
+        lambda x, e: reference_dc_and_ce(torch.einsum("br...,rc->bc...", x, e), target.cpu(), **options),
+        basis.cpu().double(),
+        operator.cpu().double(),
+    )
 
 
 def _assert_close(got, want, dtype):
@@ -78,42 +83,73 @@ CASES = [  # (b, C, spatial, rank, loss options, block_voxels, block_classes, vo
     (2, 45, (5, 4, 3), 5, dict(batch_dice=False), 16, 16, 2),
     (1, 2, (7, 3, 3), 3, dict(batch_dice=True), 16, 16, 1),  # C = 2
     (2, 13, (5, 5, 3), 20, dict(batch_dice=False, ignore_label=13), 16, 16, 2),  # rank 20 → tile 32
-    (2, 9, (4, 4, 3), 4, dict(batch_dice=True, do_bg=True, smooth=0.5, weight_ce=0.7, weight_dice=1.3,
-                              ignore_label=9), 16, 16, 1),
+    (
+        2,
+        9,
+        (4, 4, 3),
+        4,
+        dict(batch_dice=True, do_bg=True, smooth=0.5, weight_ce=0.7, weight_dice=1.3, ignore_label=9),
+        16,
+        16,
+        1,
+    ),
     (1, 70, (6, 6, 5), 8, dict(batch_dice=False), 64, 64, None),  # the default tile: 2 class tiles, 3 voxel blocks
 ]
 
 
 @pytest.mark.parametrize("b,num_classes,spatial,rank,options,block_voxels,block_classes,splits", CASES)
-def test_fp32_equals_torch_path_and_float64(kernels, b, num_classes, spatial, rank, options, block_voxels,
-                                            block_classes, splits):
-    basis, operator, target = _problem(b, num_classes, spatial, rank, torch.float32,
-                                       ignore_label=options.get("ignore_label"), device=_device(kernels))
-    fused = _loss_and_grads(lambda x, e: kernels.triton_chunked_dc_and_ce_loss(
-        x, e, target, **options, block_voxels=block_voxels, block_classes=block_classes, voxel_splits=splits),
-        basis, operator)
+def test_fp32_equals_torch_path_and_float64(
+    kernels, b, num_classes, spatial, rank, options, block_voxels, block_classes, splits
+):
+    basis, operator, target = _problem(
+        b, num_classes, spatial, rank, torch.float32, ignore_label=options.get("ignore_label"), device=_device(kernels)
+    )
+    fused = _loss_and_grads(
+        lambda x, e: kernels.triton_chunked_dc_and_ce_loss(
+            x, e, target, **options, block_voxels=block_voxels, block_classes=block_classes, voxel_splits=splits
+        ),
+        basis,
+        operator,
+    )
     _assert_close(fused, _reference(basis, operator, target, **options), torch.float32)
-    _assert_close(fused, _loss_and_grads(lambda x, e: chunked_dc_and_ce_loss(x, e, target, 4, **options),
-                                         basis, operator), torch.float32)
+    _assert_close(
+        fused,
+        _loss_and_grads(lambda x, e: chunked_dc_and_ce_loss(x, e, target, 4, **options), basis, operator),
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,num_classes,spatial,rank,options,block_voxels,block_classes,splits", CASES[:4])
-def test_half_precision_within_tolerance(kernels, dtype, b, num_classes, spatial, rank, options, block_voxels,
-                                         block_classes, splits):
-    basis, operator, target = _problem(b, num_classes, spatial, rank, dtype, ignore_label=options.get("ignore_label"),
-                                       device=_device(kernels))
-    fused = _loss_and_grads(lambda x, e: kernels.triton_chunked_dc_and_ce_loss(
-        x, e, target, **options, block_voxels=block_voxels, block_classes=block_classes, voxel_splits=splits),
-        basis, operator)
+def test_half_precision_within_tolerance(
+    kernels, dtype, b, num_classes, spatial, rank, options, block_voxels, block_classes, splits
+):
+    basis, operator, target = _problem(
+        b, num_classes, spatial, rank, dtype, ignore_label=options.get("ignore_label"), device=_device(kernels)
+    )
+    fused = _loss_and_grads(
+        lambda x, e: kernels.triton_chunked_dc_and_ce_loss(
+            x, e, target, **options, block_voxels=block_voxels, block_classes=block_classes, voxel_splits=splits
+        ),
+        basis,
+        operator,
+    )
     _assert_close(fused, _reference(basis, operator, target, **options), dtype)
 
 
 def test_fixed_launch_is_bitwise_reproducible(kernels):
     """Per-class sums go through a (splits, C) buffer, not atomics: the same launch gives the same bits."""
     basis, operator, target = _problem(2, 45, (5, 4, 3), 5, torch.float32, device=_device(kernels))
-    runs = [_loss_and_grads(lambda x, e: kernels.triton_chunked_dc_and_ce_loss(
-        x, e, target, block_voxels=16, block_classes=16, voxel_splits=3), basis, operator) for _ in range(2)]
+    runs = [
+        _loss_and_grads(
+            lambda x, e: kernels.triton_chunked_dc_and_ce_loss(
+                x, e, target, block_voxels=16, block_classes=16, voxel_splits=3
+            ),
+            basis,
+            operator,
+        )
+        for _ in range(2)
+    ]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
@@ -153,9 +189,13 @@ print("ran", head.operator.grad.abs().sum() > 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="kernel=triton on a CPU-only machine is checked")
-@pytest.mark.parametrize("interpret,expected", [("1", "ran tensor(True)"),
-                                                (None, "kernel=triton runs on CUDA tensors, or on the CPU under "
-                                                       "Triton's interpreter: set TRITON_INTERPRET=1")])
+@pytest.mark.parametrize(
+    "interpret,expected",
+    [
+        ("1", "ran tensor(True)"),
+        (None, "kernel=triton runs on CUDA tensors, or on the CPU under Triton's interpreter: set TRITON_INTERPRET=1"),
+    ],
+)
 def test_kernel_triton_in_a_fresh_process(interpret, expected):
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     if interpret:
@@ -174,8 +214,13 @@ def test_tiles_under_16_or_not_powers_of_two_are_refused(kernels, blocks):
 def _compile_for_sm90(*arguments: str) -> dict:
     """tests/triton_aot.py in a process without TRITON_INTERPRET: kernel name → ptxas's report (or the error)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "triton_aot.py"), *arguments],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "triton_aot.py"), *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     return {row["kernel"]: row for row in rows}

@@ -1,4 +1,5 @@
 """`headzoo run` end to end (plug-in included) and its handling of bad input, as a user runs it."""
+
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ def headzoo(*args, cwd=None):
 def main_in_process(arguments, capsys, monkeypatch):
     """`headzoo run ...` through the CLI's main() in this process: (exit status, stderr)."""
     from headzoo.cli import main
+
     monkeypatch.setattr(sys, "argv", ["headzoo", *arguments])
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -47,8 +49,9 @@ def test_rerun_replaces_its_own_row(tmp_path):
 BAD_INPUT = [
     (["--head", "dense", "--classes", "1"], "--classes must be at least 2"),
     (["--head", "dense", "--classes", "5", "--device", "tpu"], "unknown device 'tpu'"),
-    pytest.param(["--head", "dense", "--classes", "5", "--patch", "64"], "larger than the volumes",
-                 marks=pytest.mark.slow),  # prepares the toy in-process
+    pytest.param(
+        ["--head", "dense", "--classes", "5", "--patch", "64"], "larger than the volumes", marks=pytest.mark.slow
+    ),  # prepares the toy in-process
     (["--head", "dense", "--classes", "5", "--patch", "20"], "must be divisible by 8"),
     (["--head", "densse", "--classes", "5"], "did you mean 'dense'"),
     (["--head", "chunked", "--classes", "5", "--option", "rank=9"], "rank must be in"),
@@ -72,8 +75,11 @@ def test_bad_input_in_a_subprocess_exits_2_with_one_line(tmp_path):
 
 
 def test_unwritable_out_is_refused(tmp_path, capsys, monkeypatch):
-    status, stderr = main_in_process([*RUN[3:], "--head", "dense", "--classes", "5",
-                                      "--out", str(tmp_path / "missing" / "r.jsonl")], capsys, monkeypatch)
+    status, stderr = main_in_process(
+        [*RUN[3:], "--head", "dense", "--classes", "5", "--out", str(tmp_path / "missing" / "r.jsonl")],
+        capsys,
+        monkeypatch,
+    )
     assert status == 2 and "does not exist" in stderr and "Traceback" not in stderr
 
 
@@ -84,11 +90,22 @@ def test_corrupt_or_foreign_dataset_folder(tmp_path, capsys, monkeypatch, corrup
     if corrupt == "foreign_json":
         (folder / "dataset.json").write_text(json.dumps({"name": "not nnU-Net"}))
     elif corrupt == "no_labels":
-        (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "numTraining": 1,
-                                                         "channel_names": {"0": "x"}, "file_ending": ".nii.gz"}))
+        (folder / "dataset.json").write_text(
+            json.dumps(
+                {
+                    "labels": {"background": 0, "a": 1},
+                    "numTraining": 1,
+                    "channel_names": {"0": "x"},
+                    "file_ending": ".nii.gz",
+                }
+            )
+        )
     out = tmp_path / "results.jsonl"
-    status, stderr = main_in_process([*RUN[3:], "--head", "dense", "--classes", "2", "--dataset", str(folder),
-                                      "--out", str(out)], capsys, monkeypatch)
+    status, stderr = main_in_process(
+        [*RUN[3:], "--head", "dense", "--classes", "2", "--dataset", str(folder), "--out", str(out)],
+        capsys,
+        monkeypatch,
+    )
     assert status == 2 and "Traceback" not in stderr
     assert stderr.strip().count("\n") == 0 and str(folder) in stderr
     assert not out.exists()
@@ -97,12 +114,27 @@ def test_corrupt_or_foreign_dataset_folder(tmp_path, capsys, monkeypatch, corrup
 @pytest.mark.slow
 def test_toy_command_writes_a_dataset_that_run_accepts(tmp_path):
     folder = tmp_path / "toy"
-    assert headzoo(sys.executable, "-m", "headzoo", "toy", "--classes", "4", "--preset", "tiny",
-                   "--out", str(folder)).returncode == 0
-    result = headzoo(*RUN, "--head", "dense", "--dataset", str(folder), "--classes", "4",
-                     "--out", str(tmp_path / "r.jsonl"), "--json")
+    assert (
+        headzoo(
+            sys.executable, "-m", "headzoo", "toy", "--classes", "4", "--preset", "tiny", "--out", str(folder)
+        ).returncode
+        == 0
+    )
+    result = headzoo(
+        *RUN,
+        "--head",
+        "dense",
+        "--dataset",
+        str(folder),
+        "--classes",
+        "4",
+        "--out",
+        str(tmp_path / "r.jsonl"),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     from headzoo.plan import folder_fingerprint
+
     record = json.loads(result.stdout)
     assert record["classes"] == 4 and record["dataset_fingerprint"] == folder_fingerprint(folder)
 

@@ -1,5 +1,6 @@
 """Every registered head, plug-ins included, and every variant a head declares (``Head.variants``),
 against the same executable contract (tests/contract.py)."""
+
 import pytest
 import torch
 
@@ -11,8 +12,7 @@ import contract
 from contract import B, F, SPATIAL, batch
 
 C = 9
-VARIANTS = [(name, options) for name in headzoo.list_heads()
-            for options in ({}, *get_head_class(name).variants)]
+VARIANTS = [(name, options) for name in headzoo.list_heads() for options in ({}, *get_head_class(name).variants)]
 
 
 def _id(variant):

@@ -1,4 +1,5 @@
 """The conformance checks can fail: each one, run on a deliberately broken head, says what broke."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ class UnstatedWeightDecay(GoodHead):
 
 class IgnoresAnnotated(GoodHead):
     """Claims to take the annotated mask, but every class still counts."""
+
     accepts_annotated = True
 
 
@@ -66,13 +68,21 @@ def test_the_good_head_passes_every_check():
     contract.check_unannotated_class_contributes_nothing(head)
 
 
-@pytest.mark.parametrize("head,check,message", [
-    (PredictsArgmin(), contract.check_predict_is_argmax_of_logits, "predict disagrees with the argmax"),
-    (UnusedParameter(), contract.check_every_parameter_gets_a_gradient, "parameter 'forgotten' gets no gradient"),
-    (ForeignParamGroup(), contract.check_param_groups_hold_only_own_parameters, "not the head's"),
-    (UnstatedWeightDecay(), contract.check_param_groups_hold_only_own_parameters, "does not state its weight_decay"),
-    (IgnoresAnnotated(), contract.check_unannotated_class_contributes_nothing, "still changes the loss"),
-], ids=["predict", "gradient", "param_groups", "weight_decay", "annotated"])
+@pytest.mark.parametrize(
+    "head,check,message",
+    [
+        (PredictsArgmin(), contract.check_predict_is_argmax_of_logits, "predict disagrees with the argmax"),
+        (UnusedParameter(), contract.check_every_parameter_gets_a_gradient, "parameter 'forgotten' gets no gradient"),
+        (ForeignParamGroup(), contract.check_param_groups_hold_only_own_parameters, "not the head's"),
+        (
+            UnstatedWeightDecay(),
+            contract.check_param_groups_hold_only_own_parameters,
+            "does not state its weight_decay",
+        ),
+        (IgnoresAnnotated(), contract.check_unannotated_class_contributes_nothing, "still changes the loss"),
+    ],
+    ids=["predict", "gradient", "param_groups", "weight_decay", "annotated"],
+)
 def test_each_check_fails_for_its_broken_head(head, check, message):
     with pytest.raises(AssertionError, match=message):
         check(head)

@@ -6,6 +6,7 @@ restatements, nnU-Net's own loss); the CE or BCE term stays each process's own. 
 ``AllGatherGrad`` convention, under which DDP's averaging of the processes' gradients gives the gradient of
 the concatenated batch's loss: (1/W)·∂L_r/∂basis_r is that gradient's slice r, and the mean of ∂L_r/∂E is ∂L/∂E.
 """
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -52,25 +53,36 @@ def _heads(ddp: bool):
     for name, options in (("dense", dict(batch_dice=True, weight_ce=0.0)), ("sigmoid", {}), ("sigmoid", {"rank": 3})):
         torch.manual_seed(1)
         heads[name + "".join(f"_{k}{v}" for k, v in options.items() if k == "rank")] = headzoo.create_head(
-            name, 5, CLASSES, ddp=ddp, **options)
+            name, 5, CLASSES, ddp=ddp, **options
+        )
     return heads
 
 
 def _worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    basis, operator, features, target, annotated = (t.chunk(WORLD)[rank] if t.shape[0] == BATCH else t
-                                                    for t in _inputs())
+    basis, operator, features, target, annotated = (
+        t.chunk(WORLD)[rank] if t.shape[0] == BATCH else t for t in _inputs()
+    )
     results = {}
     for settings in (dict(weight_ce=0.0), {}):  # the Dice alone, then CE + Dice for the gradients
         name = "dice" if settings else "loss"
-        results[f"chunked_{name}"] = _chunked(lambda x, e: chunked_dc_and_ce_loss(
-            x, e, target, 4, batch_dice=True, ddp=True, **settings), basis, operator, torch.float64)
+        results[f"chunked_{name}"] = _chunked(
+            lambda x, e: chunked_dc_and_ce_loss(x, e, target, 4, batch_dice=True, ddp=True, **settings),
+            basis,
+            operator,
+            torch.float64,
+        )
         kernels = _triton_kernels()
         if kernels is not None:
-            results[f"triton_{name}"] = _chunked(lambda x, e: kernels.triton_chunked_dc_and_ce_loss(
-                x, e, target, batch_dice=True, ddp=True, block_voxels=16, block_classes=16, **settings),
-                basis, operator, torch.float32)
+            results[f"triton_{name}"] = _chunked(
+                lambda x, e: kernels.triton_chunked_dc_and_ce_loss(
+                    x, e, target, batch_dice=True, ddp=True, block_voxels=16, block_classes=16, **settings
+                ),
+                basis,
+                operator,
+                torch.float32,
+            )
     for name, head in _heads(ddp=True).items():
         output = head(features)
         loss = head.loss(output, target, annotated if head.accepts_annotated else None)
@@ -101,8 +113,9 @@ def test_gathered_dice_equals_one_process_dice_over_the_concatenated_batch(tmp_p
     basis, operator, features, target, annotated = _inputs()
     logits = torch.einsum("br...,rc->bc...", basis, operator)
     whole_dice = reference_dc_and_ce(logits, target, weight_ce=0.0)
-    whole_loss = _chunked(lambda x, e: reference_dc_and_ce(torch.einsum("br...,rc->bc...", x, e), target),
-                          basis, operator, torch.float64)
+    whole_loss = _chunked(
+        lambda x, e: reference_dc_and_ce(torch.einsum("br...,rc->bc...", x, e), target), basis, operator, torch.float64
+    )
     paths = [("chunked", 1e-12)] + [("triton", 1e-5)] * (_triton_kernels() is not None)
     for path, tolerance in paths:
         for rank, result in enumerate(ranks):
@@ -120,13 +133,22 @@ def test_gathered_dice_equals_one_process_dice_over_the_concatenated_batch(tmp_p
         for rank, result in enumerate(ranks):
             logits, labels, mask = result[name][1], target.chunk(WORLD)[rank], annotated.chunk(WORLD)[rank]
             # eq. (2) of this process's samples with its own batch Dice replaced by the whole batch's
-            _close(result[name][0], reference_eq2(logits.flatten(2), labels.flatten(1), mask)
-                   + _reference_batch_dice(logits, labels, mask) - whole, 1e-5)
+            _close(
+                result[name][0],
+                reference_eq2(logits.flatten(2), labels.flatten(1), mask)
+                + _reference_batch_dice(logits, labels, mask)
+                - whole,
+                1e-5,
+            )
 
 
 def test_trainer_builds_heads_with_ddp_under_ddp_only():
-    for head, expected in (("chunked", {"ddp": True}), ("dense", {"ddp": True}), ("sigmoid", {"ddp": True}),
-                           ("knn", {})):  # knn has no Dice statistics, so no ddp option
+    for head, expected in (
+        ("chunked", {"ddp": True}),
+        ("dense", {"ddp": True}),
+        ("sigmoid", {"ddp": True}),
+        ("knn", {}),
+    ):  # knn has no Dice statistics, so no ddp option
         trainer = object.__new__(make_trainer(head))
         trainer.is_ddp = True
         assert trainer.distributed_options() == expected, head

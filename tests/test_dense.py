@@ -14,8 +14,15 @@ def test_dense_loss_equals_nnunet_dc_and_ce_loss(batch_dice):
     features = torch.randn(2, 4, 6, 5, 4)
     target = torch.randint(0, 11, (2, 1, 6, 5, 4))
     output = head(features)
-    nnunet = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                            weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    nnunet = DC_and_CE_loss(
+        {"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False},
+        {},
+        weight_ce=1,
+        weight_dice=1,
+        ignore_label=None,
+        dice_class=MemoryEfficientSoftDiceLoss,
+    )
     torch.testing.assert_close(head.loss(output, target), nnunet(output, target), rtol=0, atol=0)
-    torch.testing.assert_close(head.loss(output, target).double(),
-                               reference_dc_and_ce(output, target, batch_dice), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        head.loss(output, target).double(), reference_dc_and_ce(output, target, batch_dice), rtol=1e-6, atol=1e-6
+    )

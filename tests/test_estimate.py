@@ -1,6 +1,7 @@
 """`headzoo estimate`: the fake-tensor estimate equals the real CPU MemTracker peak for every registered head and
 variant, and the shipped CUDA autocast lists are the installed torch's (read from its dispatch table and probed
 through its own AutocastCUDA kernels)."""
+
 import contextlib
 import itertools
 import json
@@ -15,8 +16,14 @@ import headzoo
 from headzoo import cuda_autocast
 from headzoo.backbone import SegmentationNetwork, build_network, get_backbone
 from headzoo.errors import HeadzooError
-from headzoo.estimate import Problem, estimate_inference, estimate_loss, estimate_step, problem_from_settings, \
-    track_peak
+from headzoo.estimate import (
+    Problem,
+    estimate_inference,
+    estimate_loss,
+    estimate_step,
+    problem_from_settings,
+    track_peak,
+)
 from headzoo.measure import measure_peak_memory
 from headzoo.registry import get_head_class
 
@@ -42,8 +49,11 @@ def _real_network(problem: Problem) -> SegmentationNetwork:
 def _real_batch(problem: Problem) -> dict:
     generator = torch.Generator().manual_seed(0)
     shape = (problem.config.batch, 1, *problem.config.patch)
-    return {"data": torch.randn(shape, generator=generator),
-            "target": torch.randint(0, C, shape, generator=generator).to(torch.int16), "annotated": None}
+    return {
+        "data": torch.randn(shape, generator=generator),
+        "target": torch.randint(0, C, shape, generator=generator).to(torch.int16),
+        "annotated": None,
+    }
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
@@ -52,6 +62,7 @@ def test_estimate_equals_the_real_cpu_peak(variant):
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
     from headzoo.inference import sliding_window_output
     from headzoo.training import TrainStep, build_optimizer
+
     problem = _problem(*variant)
     torch.manual_seed(0)
     network = _real_network(problem)
@@ -61,8 +72,9 @@ def test_estimate_equals_the_real_cpu_peak(variant):
     step = TrainStep(problem.config, network, optimizer, torch.device("cpu"))
     batch = _real_batch(problem)
     step(batch)  # warm-up: the optimizer's state
-    real = measure_peak_memory(lambda: step(batch), torch.device("cpu"), network, optimizer, batch["data"],
-                               batch["target"]).bytes
+    real = measure_peak_memory(
+        lambda: step(batch), torch.device("cpu"), network, optimizer, batch["data"], batch["target"]
+    ).bytes
     assert estimate_step(problem).bytes == real
 
     network = _real_network(problem)  # fresh, as the estimate's: no gradients, an empty knn index
@@ -70,8 +82,9 @@ def test_estimate_equals_the_real_cpu_peak(variant):
     with torch.no_grad():
         output = head(torch.randn(problem.config.batch, head.in_channels, *PATCH))
     output.requires_grad_()
-    real_loss = measure_peak_memory(lambda: head.loss(output, target).backward(), torch.device("cpu"), head, output,
-                                    target).bytes
+    real_loss = measure_peak_memory(
+        lambda: head.loss(output, target).backward(), torch.device("cpu"), head, output, target
+    ).bytes
     assert estimate_loss(problem).bytes == real_loss
 
     image, volume = torch.randn(1, 1, *PATCH), torch.randn(1, *VOLUME)
@@ -83,6 +96,7 @@ def test_estimate_equals_the_real_cpu_peak(variant):
 
     def whole_volume():
         volume_network.head.predict(sliding_window_output(volume_network, volume, PATCH)[None])
+
     compute_gaussian.cache_clear()  # nnU-Net caches it: made inside the measured region, as on a first call
     patch_peak, volume_peak = estimate_inference(problem)
     assert patch_peak.bytes == measure_peak_memory(one_patch, torch.device("cpu"), patch_network, image).bytes
@@ -94,6 +108,7 @@ def test_estimate_equals_the_real_cpu_peak(variant):
 def test_estimate_equals_the_real_cpu_peak_with_an_ignore_label(name):
     """Ignored voxels stay in the loss with weight 0 (fixed shapes), so an ignore label is estimated exactly too."""
     from headzoo.training import TrainStep, build_optimizer
+
     problem = _problem(name, {"ignore_label": C})
     torch.manual_seed(0)
     network = _real_network(problem)
@@ -103,8 +118,9 @@ def test_estimate_equals_the_real_cpu_peak_with_an_ignore_label(name):
     batch = _real_batch(problem)
     batch["target"][:, :, :4] = C  # a slab of ignored voxels
     step(batch)
-    real = measure_peak_memory(lambda: step(batch), torch.device("cpu"), network, optimizer, batch["data"],
-                               batch["target"]).bytes
+    real = measure_peak_memory(
+        lambda: step(batch), torch.device("cpu"), network, optimizer, batch["data"], batch["target"]
+    ).bytes
     assert estimate_step(problem).bytes == real
 
 
@@ -122,11 +138,13 @@ def test_a_loss_whose_every_voxel_is_ignored_is_finite():
 
 def test_knn_negatives_drop_the_target_or_the_farthest():
     from headzoo.heads.knn import knn_negatives
+
     generator = torch.Generator().manual_seed(0)
     neighbours = torch.stack([torch.randperm(20, generator=generator)[:6] for _ in range(50)])
     target = torch.where(torch.rand(50, generator=generator) < 0.5, neighbours[:, 2], torch.full((50,), 99))
-    expected = [[n for n in row if n != t] if t in row else row[:-1] for row, t in
-                zip(neighbours.tolist(), target.tolist())]
+    expected = [
+        [n for n in row if n != t] if t in row else row[:-1] for row, t in zip(neighbours.tolist(), target.tolist())
+    ]
     assert knn_negatives(neighbours, target).tolist() == expected
 
 
@@ -167,8 +185,11 @@ def test_a_head_that_needs_tensor_values_gets_one_line():
 
 def test_estimate_refuses_a_triton_kernel_and_a_volume_below_the_patch():
     with pytest.raises(HeadzooError, match="kernel=triton cannot be estimated"):
-        estimate_loss(problem_from_settings({"head": "chunked", "options": {"kernel": "triton"}, "classes": C,
-                                             "patch": PATCH}, "cpu", VOLUME))
+        estimate_loss(
+            problem_from_settings(
+                {"head": "chunked", "options": {"kernel": "triton"}, "classes": C, "patch": PATCH}, "cpu", VOLUME
+            )
+        )
     with pytest.raises(HeadzooError, match="smaller than the patch"):
         problem_from_settings({"head": "dense", "classes": C, "patch": PATCH}, "cpu", (8, 16, 16))
 
@@ -183,6 +204,7 @@ def test_cuda_emulation_holds_fp16_copies_for_backward():
 
 
 # --- CUDA's autocast op lists -------------------------------------------------------------------------------------
+
 
 class _Calls(TorchDispatchMode):
     def __init__(self):
@@ -203,8 +225,15 @@ def _sample(argument, make):
     if "List[int]" in kind:
         return [1]
     scalar = 1 if argument.name == "ord" else 2
-    samples = {"int": 1, "SymInt": 1, "float": 1.0, "bool": False, "Scalar": scalar, "number": scalar,
-               "str": "fro" if argument.name == "ord" else "ij,jk->ik"}
+    samples = {
+        "int": 1,
+        "SymInt": 1,
+        "float": 1.0,
+        "bool": False,
+        "Scalar": scalar,
+        "number": scalar,
+        "str": "fro" if argument.name == "ord" else "ij,jk->ik",
+    }
     return samples.get(kind)
 
 
@@ -212,10 +241,13 @@ def _probe(op, device: str, dtypes: list, region) -> tuple[list, list, object]:
     """Call `op` on fake tensors of `dtypes` (in argument order) under `region`: the casts autocast made, the ops
     it redispatched to, and the result's dtype (or the error, when the sample shapes do not fit the op)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     counter = itertools.count()
     with FakeTensorMode():
+
         def make():
             return torch.ones(2, 2, device=device, dtype=dtypes[min(next(counter), len(dtypes) - 1)])
+
         values = {a.name: _sample(a, make) for a in op._schema.arguments}
         args = [values[a.name] for a in op._schema.arguments if not a.kwarg_only]
         kwargs = {a.name: values[a.name] for a in op._schema.arguments if a.kwarg_only}
@@ -228,7 +260,9 @@ def _probe(op, device: str, dtypes: list, region) -> tuple[list, list, object]:
             except Exception as error:
                 result = str(error)
     casts = [kw.get("dtype") for f, _, kw in calls.calls if f is torch.ops.aten._to_copy.default]
-    inner = [(f, a, kw) for f, a, kw in calls.calls if f is not torch.ops.aten._to_copy.default and f.namespace == "aten"]
+    inner = [
+        (f, a, kw) for f, a, kw in calls.calls if f is not torch.ops.aten._to_copy.default and f.namespace == "aten"
+    ]
     return casts, inner, result
 
 
@@ -268,12 +302,17 @@ def quiet_fake_tensors():
 
 
 def test_shipped_lists_are_the_installed_torchs_autocast_cuda_ops():
-    registered = {n.removeprefix("aten::") for n in torch._C._dispatch_get_all_op_names()
-                  if torch._C._dispatch_has_kernel_for_dispatch_key(n, "AutocastCUDA")}
+    registered = {
+        n.removeprefix("aten::")
+        for n in torch._C._dispatch_get_all_op_names()
+        if torch._C._dispatch_has_kernel_for_dispatch_key(n, "AutocastCUDA")
+    }
     shipped = set(cuda_autocast.POLICIES)
-    assert registered == shipped, (f"torch {torch.__version__}'s AutocastCUDA ops drifted from "
-                                   f"headzoo/cuda_autocast.py: new {sorted(registered - shipped)}, "
-                                   f"gone {sorted(shipped - registered)}")
+    assert registered == shipped, (
+        f"torch {torch.__version__}'s AutocastCUDA ops drifted from "
+        f"headzoo/cuda_autocast.py: new {sorted(registered - shipped)}, "
+        f"gone {sorted(shipped - registered)}"
+    )
 
 
 def test_each_op_has_its_shipped_policy_in_cuda_autocast_and_in_the_emulation(quiet_fake_tensors):
@@ -300,8 +339,10 @@ def test_emulation_is_gone_after_the_estimate():
 
 # --- headzoo advise ---------------------------------------------------------------------------------------------
 
+
 def test_advise_fits_exactly_at_the_estimated_peak(tmp_path):
     from headzoo.advise import advise
+
     peak = estimate_step(problem_from_settings({"head": "chunked", "classes": C, "patch": PATCH}, "cuda", None))
     for budget, fits in ((peak.bytes, True), (peak.bytes - 1, False)):
         advice, _ = advise(C, budget, "small", PATCH[0], 2, "cuda", tmp_path / "none.jsonl")
@@ -313,8 +354,15 @@ def test_advise_fits_exactly_at_the_estimated_peak(tmp_path):
 def test_advise_scales_batch_and_patch_from_the_fixed_and_growing_parts():
     from headzoo.advise import largest_batch, largest_patch
     from headzoo.estimate import Peak
-    categories = {"parameters": 100, "gradients": 0, "optimizer state": 200, "activations": 700, "temporaries": 0,
-                  "inputs": 0}
+
+    categories = {
+        "parameters": 100,
+        "gradients": 0,
+        "optimizer state": 200,
+        "activations": 700,
+        "temporaries": 0,
+        "inputs": 0,
+    }
     peak = Peak(1000, categories, "mm", "backward")  # 300 fixed, 700 for batch 2 at 32³
     assert largest_batch(peak, 2, 300 + 350 * 5) == 5 and largest_batch(peak, 2, 300 + 350 * 5 - 1) == 4
     # 64³ holds 8× the 32³ activations: 300 + 5600
@@ -323,11 +371,27 @@ def test_advise_scales_batch_and_patch_from_the_fixed_and_growing_parts():
 
 def test_advise_takes_the_nearest_measured_row():
     from headzoo.advise import nearest_measured
-    row = {"head": "dense", "status": "ok", "options": {}, "dice_mean": 0.5, "backbone": "small", "patch": [32] * 3,
-           "batch": 2, "steps": 60, "device_name": "cpu", "step_time_median_s": 1.0, "time": "2026-01-01"}
-    records = [{**row, "classes": 100, "dice_mean": 0.9}, {**row, "classes": 1000, "dice_mean": 0.1},
-               {**row, "classes": 500, "backbone": "resenc-l", "dice_mean": 0.3}, {**row, "head": "knn", "classes": 500}]
-    assert nearest_measured(records, "dense", 300, "small", 32, 2)["dice_mean"] == 0.9   # log-nearest C
+
+    row = {
+        "head": "dense",
+        "status": "ok",
+        "options": {},
+        "dice_mean": 0.5,
+        "backbone": "small",
+        "patch": [32] * 3,
+        "batch": 2,
+        "steps": 60,
+        "device_name": "cpu",
+        "step_time_median_s": 1.0,
+        "time": "2026-01-01",
+    }
+    records = [
+        {**row, "classes": 100, "dice_mean": 0.9},
+        {**row, "classes": 1000, "dice_mean": 0.1},
+        {**row, "classes": 500, "backbone": "resenc-l", "dice_mean": 0.3},
+        {**row, "head": "knn", "classes": 500},
+    ]
+    assert nearest_measured(records, "dense", 300, "small", 32, 2)["dice_mean"] == 0.9  # log-nearest C
     assert nearest_measured(records, "dense", 300, "resenc-l", 32, 2)["dice_mean"] == 0.3  # same backbone first
     assert nearest_measured(records, "sigmoid", 300, "small", 32, 2) is None
     assert "C = 100" in nearest_measured(records, "dense", 300, "small", 32, 2)["where"]
@@ -335,8 +399,10 @@ def test_advise_takes_the_nearest_measured_row():
 
 # --- the commands ---------------------------------------------------------------------------------------------
 
+
 def _command(arguments, capsys, monkeypatch) -> tuple[int, str, str]:
     from headzoo.cli import main
+
     monkeypatch.setattr(sys, "argv", ["headzoo", *arguments])
     code = 0
     try:
@@ -365,8 +431,24 @@ def test_estimate_command_refuses_bad_input_in_one_line(capsys, monkeypatch):
 
 
 def test_advise_command_prints_json_per_head(capsys, monkeypatch, tmp_path):
-    code, out, _ = _command(["advise", "--classes", str(C), "--memory", "1GiB", "--backbone", "small", "--patch", "16",
-                             "--results", str(tmp_path / "none.jsonl"), "--json"], capsys, monkeypatch)
+    code, out, _ = _command(
+        [
+            "advise",
+            "--classes",
+            str(C),
+            "--memory",
+            "1GiB",
+            "--backbone",
+            "small",
+            "--patch",
+            "16",
+            "--results",
+            str(tmp_path / "none.jsonl"),
+            "--json",
+        ],
+        capsys,
+        monkeypatch,
+    )
     result = json.loads(out)
     assert code == 0 and {a["head"] for a in result["advice"]} == set(headzoo.list_heads())
     assert all(a["fits"] is (a["peak_bytes"] <= 2**30) for a in result["advice"] if a["error"] is None)

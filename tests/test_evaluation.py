@@ -1,6 +1,7 @@
 """Held-out Dice is nnU-Net's: per case and class, exported to the original geometry, checked against
 ``nnunetv2.evaluation.evaluate_predictions.compute_metrics_on_folder`` on the same files; evaluating does not
 change the training."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,15 +12,30 @@ from headzoo.inference import DiceCounter
 def _nnunet_dice(reference_folder, prediction_folder, labels, ignore_label=None):
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    return compute_metrics_on_folder(str(reference_folder), str(prediction_folder), None, SimpleITKIO(), ".nii.gz",
-                                     labels, ignore_label, num_processes=1)
+
+    return compute_metrics_on_folder(
+        str(reference_folder),
+        str(prediction_folder),
+        None,
+        SimpleITKIO(),
+        ".nii.gz",
+        labels,
+        ignore_label,
+        num_processes=1,
+    )
 
 
 def _write(folder, name, seg):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
     folder.mkdir(exist_ok=True)
-    properties = {"sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
-                                 "direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)}}
+    properties = {
+        "sitk_stuff": {
+            "spacing": (1.0, 1.0, 1.0),
+            "origin": (0.0, 0.0, 0.0),
+            "direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        }
+    }
     SimpleITKIO().write_seg(seg, str(folder / f"{name}.nii.gz"), properties)
 
 
@@ -80,6 +96,7 @@ def test_pooled_and_per_case_dice_differ_by_the_false_positives_pooling_hides():
 def test_evaluating_the_averaged_weights_leaves_the_training_weights_bit_for_bit():
     import schedulefree
     from headzoo.training import averaged_weights
+
     torch.manual_seed(0)
     network = torch.nn.Sequential(torch.nn.Linear(100, 500), torch.nn.ReLU(), torch.nn.Linear(500, 100))
     optimizer = schedulefree.AdamWScheduleFree(network.parameters(), lr=0.02, warmup_steps=2)
@@ -101,6 +118,7 @@ def test_evaluating_the_averaged_weights_leaves_the_training_weights_bit_for_bit
 
 def _zero_the_background_at_the_border(folder, width=3):
     import SimpleITK as sitk
+
     for image_file in sorted(folder.glob("images*/*_0000.nii.gz")):
         label_file = folder / image_file.parent.name.replace("images", "labels") / (image_file.name[:-12] + ".nii.gz")
         image = sitk.ReadImage(str(image_file))
@@ -125,6 +143,7 @@ def test_held_out_dice_on_a_zero_bordered_dataset_equals_nnunets(tmp_path):
     from headzoo.plan import prepare_folder
     from headzoo.registry import create_head
     from headzoo.toy import write_toy_dataset
+
     folder = write_toy_dataset(tmp_path / "Dataset", 4, "tiny", 0)
     _zero_the_background_at_the_border(folder)
     prepared = prepare_folder(folder)
@@ -138,11 +157,20 @@ def test_held_out_dice_on_a_zero_bordered_dataset_equals_nnunets(tmp_path):
     configuration = prepared.plans_manager.get_configuration(DATA_CONFIGURATION)
     (tmp_path / "pred").mkdir()
     for case in cases:
-        prediction = segment(network, head, case.image, (16, 16, 16), case.properties, prepared.plans_manager,
-                             configuration, prepared.dataset_json)
+        prediction = segment(
+            network,
+            head,
+            case.image,
+            (16, 16, 16),
+            case.properties,
+            prepared.plans_manager,
+            configuration,
+            prepared.dataset_json,
+        )
         assert prediction.shape == case.reference.shape
         counter.update(prediction, case.reference, case.key)
         SimpleITKIO().write_seg(prediction, str(tmp_path / "pred" / f"{case.key}.nii.gz"), case.properties)
     expected = _nnunet_dice(folder / "labelsTs", tmp_path / "pred", [1, 2, 3])
-    np.testing.assert_allclose(counter.per_class()[1:], [expected["mean"][c]["Dice"] for c in (1, 2, 3)],
-                               rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        counter.per_class()[1:], [expected["mean"][c]["Dice"] for c in (1, 2, 3)], rtol=0, atol=1e-9
+    )

@@ -1,6 +1,7 @@
 """What a first GPU run would get wrong, checked on a CPU (issue 20): OOM matching, the memory step after the
 optimizer has its state, an evaluation OOM that keeps the training numbers, memory held outside torch, the knn
 backend as resolved and its search blocks, nnU-Net's cuDNN setting."""
+
 import importlib.util
 import itertools
 import json
@@ -20,15 +21,21 @@ from headzoo.heads import knn
 from headzoo.measure import GradientReceivers, configure_cuda_timing, is_out_of_memory, optimizer_state_complete
 
 
-@pytest.mark.parametrize("error,expected", [
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB"), True),
-    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
-    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate memory"), True),
-    (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"), False),
-    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
-    (ValueError("out of memory"), False),  # a message alone is not enough: torch raises these as RuntimeError
-])
+@pytest.mark.parametrize(
+    "error,expected",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB"), True),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+        (
+            RuntimeError("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate memory"),
+            True,
+        ),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"), False),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+        (ValueError("out of memory"), False),  # a message alone is not enough: torch raises these as RuntimeError
+    ],
+)
 def test_out_of_memory_matching(error, expected):
     assert is_out_of_memory(error) is expected
 
@@ -41,6 +48,7 @@ def test_triton_out_of_resources_is_out_of_memory():
 
 def _schedulefree(model: nn.Module):
     import schedulefree
+
     optimizer = schedulefree.AdamWScheduleFree(model.parameters(), lr=1e-3)
     optimizer.train()  # touches self.state[p] for every parameter: an empty entry is not state
     return optimizer
@@ -60,7 +68,7 @@ def test_optimizer_state_is_complete_only_after_a_real_step():
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         assert optimizer_state_complete(optimizer) is not overflow
-    assert scaler.get_scale() == 2.0 ** 15  # the skipped step halved the scale: it really was skipped
+    assert scaler.get_scale() == 2.0**15  # the skipped step halved the scale: it really was skipped
 
 
 def test_state_is_complete_for_the_parameters_that_receive_gradients():
@@ -81,12 +89,16 @@ def test_state_is_complete_for_the_parameters_that_receive_gradients():
 def _batches():
     generator = torch.Generator().manual_seed(0)
     while True:
-        yield {"data": torch.randn(2, 1, 4, 4, 4, generator=generator),
-               "target": torch.randint(0, 5, (2, 1, 4, 4, 4), generator=generator), "annotated": None}
+        yield {
+            "data": torch.randn(2, 1, 4, 4, 4, generator=generator),
+            "target": torch.randint(0, 5, (2, 1, 4, 4, 4), generator=generator),
+            "annotated": None,
+        }
 
 
-COUNTER = SimpleNamespace(mean_foreground=lambda: 0.5, worst_mean=lambda fraction: 0.25, pooled_mean=lambda: 0.75,
-                          classes_scored=lambda: 4)
+COUNTER = SimpleNamespace(
+    mean_foreground=lambda: 0.5, worst_mean=lambda fraction: 0.25, pooled_mean=lambda: 0.75, classes_scored=lambda: 4
+)
 
 
 def _train(monkeypatch, skipped_steps=0, evaluate=lambda *args: COUNTER, steps=8, eval_every=None):
@@ -126,8 +138,11 @@ def test_memory_step_waits_until_every_parameter_has_optimizer_state(monkeypatch
 
 def test_memory_step_waits_at_most_until_one_step_is_left_to_time(monkeypatch):
     result = _train(monkeypatch, skipped_steps=100, steps=6)
-    assert (result["memory_step"], result["memory_step_optimizer_state_complete"], result["timed_steps"]) \
-        == (4, False, 1)
+    assert (result["memory_step"], result["memory_step_optimizer_state_complete"], result["timed_steps"]) == (
+        4,
+        False,
+        1,
+    )
 
 
 def test_evaluation_out_of_memory_keeps_the_training_numbers(monkeypatch):
@@ -221,7 +236,7 @@ def test_gpu_check_plans_every_gpu_path():
     assert names[:3] == ["cuda", "triton-tests", "triton-vs-torch"]
     variants = [h for h in headzoo.list_heads()] + ["chunked-kernel=triton", "knn-knn_backend=torch"]
     for prefix in ("amp-step-", "run-", "estimate-"):
-        assert [n[len(prefix):] for n in names if n.startswith(prefix)] == variants
+        assert [n[len(prefix) :] for n in names if n.startswith(prefix)] == variants
     assert names.index("faiss-gpu") < names.index("loss-profile") < names.index("nnunet-smoke")
     assert max(names.index(f"run-{v}") for v in variants) < min(names.index(f"estimate-{v}") for v in variants)
     assert [c.name for c in gpu_check.plan(["run-*", "cuda"])] == ["cuda"] + [f"run-{v}" for v in variants]
@@ -238,8 +253,11 @@ def test_gpu_check_reports_one_line_per_check_and_fails_on_a_failure(tmp_path):
     def skips(context):
         raise gpu_check.Skipped("this FAISS has no GPU support")
 
-    checks = [gpu_check.Check("fast", lambda context: {"ratio": 0.4321, "curve": [1, 2], "bad": float("nan")}),
-              gpu_check.Check("broken", fails), gpu_check.Check("faiss", skips)]
+    checks = [
+        gpu_check.Check("fast", lambda context: {"ratio": 0.4321, "curve": [1, 2], "bad": float("nan")}),
+        gpu_check.Check("broken", fails),
+        gpu_check.Check("faiss", skips),
+    ]
     lines, records = [], tmp_path / "gpu_check.jsonl"
     environment = {"device_name": "NVIDIA H200", "torch": "2.13.0", "git_sha": "abc1234", "time": "t1"}
 

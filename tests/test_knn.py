@@ -40,8 +40,9 @@ def test_neighbours_equal_float64_brute_force(backend):
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_with_k_at_least_c_minus_1_the_loss_is_exact(backend):
     head, output, target = _setup(num_classes=9, k=8, backend=backend)
-    torch.testing.assert_close(head.loss(output, target).double(), _exact_loss(head, output, target),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        head.loss(output, target).double(), _exact_loss(head, output, target), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_with_small_k_the_loss_is_never_above_the_exact_one():
@@ -88,6 +89,7 @@ def test_class_embeddings_get_their_own_optimizer_group():
 
 def test_auto_backend_picks_faiss_where_it_runs_on_the_device(monkeypatch):
     from headzoo.heads import knn
+
     head, output, target = _setup(backend="auto")
     head.loss(output, target)
     assert head.index._searcher == "faiss" and head.index.gpu_memory_bytes() == 0
@@ -102,6 +104,7 @@ def test_auto_backend_picks_faiss_where_it_runs_on_the_device(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_index_shares_one_faiss_resources_and_reports_its_memory():
     from headzoo.heads import knn
+
     head, output, target = _setup(backend="auto")
     head, output, target = head.cuda(), output.cuda(), target.cuda()
     head.loss(output, target)

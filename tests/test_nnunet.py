@@ -1,6 +1,7 @@
 """Heads inside nnU-Net's own training and prediction, as an nnU-Net user runs them: toy data →
 nnU-Net planning and preprocessing → `headzoo nnunet-train` → `headzoo predict`; the dense head
 against nnU-Net's own predictor; bad input to `headzoo predict`."""
+
 import os
 import subprocess
 import sys
@@ -25,9 +26,12 @@ def test_nnunet_discovery_finds_every_head_trainer_in_the_ext_folder():
     """nnUNetv2_train's own lookup (recursive_find_python_class on nnUNet_extTrainer), plug-in included."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
     folder = str(EXT_TRAINER_FOLDER)
     for name in ("nnUNetTrainer_chunked", "nnUNetTrainer_knn_1epoch", "nnUNetTrainer_dummy_5epochs"):
-        found = recursive_find_python_class(folder, name, None, base_folder=folder, cleanup_imports_from_base_folder=True)
+        found = recursive_find_python_class(
+            folder, name, None, base_folder=folder, cleanup_imports_from_base_folder=True
+        )
         assert found is not None and found.__name__ == name and issubclass(found, nnUNetTrainer)
     assert recursive_find_python_class(folder, "nnUNetTrainer_nohead", None, base_folder=folder) is None
 
@@ -49,11 +53,13 @@ def test_the_trainers_network_is_the_runs_with_the_head_in_the_seg_layer():
 
     from headzoo.backbone import SegmentationNetwork, build_network, get_backbone
     from headzoo.nnunet.network import build_head_network, head_of
+
     architecture = get_backbone("small")[0]
     backbone, features = build_network(architecture, 1, seed=0)
     run = SegmentationNetwork(backbone, create_head("chunked", features, CLASSES, rank=3)).eval()
-    trainer = build_head_network(ConfigurationManager({"architecture": architecture}), 1, CLASSES, "chunked",
-                                 {"rank": 3}).eval()
+    trainer = build_head_network(
+        ConfigurationManager({"architecture": architecture}), 1, CLASSES, "chunked", {"rank": 3}
+    ).eval()
     last = len(architecture["arch_kwargs"]["features_per_stage"]) - 2  # one seg layer per decoder stage
     weights = {f"decoder.seg_layers.{last}.{k}": v for k, v in run.head.state_dict().items()}
     weights.update({k: v for k, v in backbone.state_dict().items() if not k.startswith("decoder.seg_layers.")})
@@ -72,14 +78,17 @@ def test_export_predicts_slab_by_slab_as_on_the_whole_volume(head_name, monkeypa
     from types import SimpleNamespace
 
     import headzoo.nnunet.predictor as predictor
+
     torch.manual_seed(0)
     head = create_head(head_name, 8, 6).eval()
     with torch.no_grad():
         output = head(torch.randn(1, 8, 7, 5, 6))[0]
     monkeypatch.setattr(predictor, "PREDICT_VOXELS", 2 * 5 * 6)  # slabs of 2 rows, the last one of 1
     labels = predictor._HeadLabels(SimpleNamespace(foreground_labels=[1, 2, 3, 4, 5]), head)
-    np.testing.assert_array_equal(labels.convert_logits_to_segmentation(output.half().numpy()),
-                                  head.predict(output.half().float()[None])[0].numpy())
+    np.testing.assert_array_equal(
+        labels.convert_logits_to_segmentation(output.half().numpy()),
+        head.predict(output.half().float()[None])[0].numpy(),
+    )
 
 
 def headzoo(*args, env):
@@ -97,8 +106,12 @@ def nnunet(tmp_path_factory):
             patch.setenv(variable, str(folder))
         patch.setenv("nnUNet_n_proc_DA", "1")  # nnU-Net's planner sets torch's thread count from it
         write_toy_dataset(folders["nnUNet_raw"] / DATASET, CLASSES, "tiny", seed=0)
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                          preprocess)
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+            extract_fingerprints,
+            plan_experiments,
+            preprocess,
+        )
+
         extract_fingerprints([DATASET_ID], num_processes=1, verbose=False, show_progress_bar=False)
         plan_experiments([DATASET_ID])
         preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(1,), show_progress_bar=False)
@@ -121,9 +134,27 @@ def trained(nnunet, head: str, options: str = "") -> str:
 
 
 def predict(nnunet, trainer, out, *extra):
-    return headzoo("predict", "-i", str(nnunet["raw"] / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
-                   "-c", "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "0", *extra,
-                   env=nnunet["env"])
+    return headzoo(
+        "predict",
+        "-i",
+        str(nnunet["raw"] / "imagesTs"),
+        "-o",
+        str(out),
+        "-d",
+        str(DATASET_ID),
+        "-c",
+        "3d_fullres",
+        "-f",
+        "0",
+        "-tr",
+        trainer,
+        "-device",
+        "cpu",
+        "-npp",
+        "0",
+        *extra,
+        env=nnunet["env"],
+    )
 
 
 def read_labels(path):
@@ -160,6 +191,7 @@ def test_dense_predict_matches_nnunet_predictor(nnunet, tmp_path, monkeypatch):
     (C logits, nnU-Net's export), as nnUNetv2_predict runs it: identical label maps, with and without mirroring."""
     from headzoo.nnunet.trainer import resolve_trainer
     import nnunetv2.inference.predict_from_raw_data as nnunet_predict
+
     trainer = trained(nnunet, "dense")
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(variable, nnunet["env"][variable])
@@ -170,10 +202,12 @@ def test_dense_predict_matches_nnunet_predictor(nnunet, tmp_path, monkeypatch):
         theirs.mkdir()  # as nnUNetv2_predict does before predicting
         result = predict(nnunet, trainer, ours, *([] if tta else ["--disable_tta"]))
         assert result.returncode == 0, result.stderr[-3000:]
-        predictor = nnunet_predict.nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
-                                                   device=torch.device("cpu"), allow_tqdm=False)
+        predictor = nnunet_predict.nnUNetPredictor(
+            tile_step_size=0.5, use_gaussian=True, use_mirroring=tta, device=torch.device("cpu"), allow_tqdm=False
+        )
         predictor.initialize_from_trained_model_folder(
-            str(nnunet["results"] / f"{trainer}__nnUNetPlans__3d_fullres"), (0,), "checkpoint_final.pth")
+            str(nnunet["results"] / f"{trainer}__nnUNetPlans__3d_fullres"), (0,), "checkpoint_final.pth"
+        )
         predictor.predict_from_files_sequential(str(nnunet["raw"] / "imagesTs"), str(theirs))
         names = sorted(p.name for p in theirs.glob("*.nii.gz"))
         assert names and names == sorted(p.name for p in ours.glob("*.nii.gz"))
@@ -206,8 +240,17 @@ def test_bad_input_to_predict_is_one_line_and_writes_nothing(nnunet, tmp_path):
     trainer = trained(nnunet, "chunked", "rank=3,chunk=2")
     for extra, message in bad_inputs(nnunet, tmp_path):
         out = tmp_path / "out"
-        arguments = {"-i": str(nnunet["raw"] / "imagesTs"), "-o": str(out), "-d": str(DATASET_ID), "-c": "3d_fullres",
-                     "-f": "0", "-tr": trainer, "-device": "cpu", "-npp": "0", **dict(zip(extra[::2], extra[1::2]))}
+        arguments = {
+            "-i": str(nnunet["raw"] / "imagesTs"),
+            "-o": str(out),
+            "-d": str(DATASET_ID),
+            "-c": "3d_fullres",
+            "-f": "0",
+            "-tr": trainer,
+            "-device": "cpu",
+            "-npp": "0",
+            **dict(zip(extra[::2], extra[1::2])),
+        }
         result = headzoo("predict", *[x for pair in arguments.items() for x in pair], env=nnunet["env"])
         assert result.returncode == 2, (extra, result.stderr[-2000:])
         assert message in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
@@ -222,7 +265,8 @@ def test_validation_only_rebuilds_the_head_from_the_checkpoint(nnunet):
     summary = nnunet["results"] / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0" / "validation" / "summary.json"
     summary.unlink()
     env = {k: v for k, v in nnunet["env"].items() if k != "HEADZOO_HEAD_OPTIONS"}
-    result = headzoo("nnunet-train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--val",
-                     env=env)
+    result = headzoo(
+        "nnunet-train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--val", env=env
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert summary.is_file()

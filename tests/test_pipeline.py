@@ -56,7 +56,7 @@ def test_partial_labels_travel_from_loader_to_mask_with_multitalent_sampling():
     probabilities = prepared.sampling_probabilities()
     sizes = {s: list(info["case_sources"].values()).count(s) for s in (0, 1)}
     for key, p in zip(prepared.train_identifiers(), probabilities):
-        assert abs(p * sum(n ** 0.5 for n in sizes.values()) - sizes[info["case_sources"][key]] ** -0.5) < 1e-12
+        assert abs(p * sum(n**0.5 for n in sizes.values()) - sizes[info["case_sources"][key]] ** -0.5) < 1e-12
     batch = next(training_batches(prepared, (16, 16, 16), 2, seed=0))
     mask = batch["annotated"]
     for row, key in enumerate(batch["keys"]):

@@ -20,8 +20,10 @@ def test_unknown_head_suggests_close_name():
 
 
 def test_two_distributions_claiming_one_name_is_an_error_naming_both():
-    points = [EntryPoint("dense", "pkg_a.heads:Dense", registry.GROUP),
-              EntryPoint("dense", "pkg_b.heads:Dense", registry.GROUP)]
+    points = [
+        EntryPoint("dense", "pkg_a.heads:Dense", registry.GROUP),
+        EntryPoint("dense", "pkg_b.heads:Dense", registry.GROUP),
+    ]
     with pytest.raises(HeadzooError, match="pkg_a.heads:Dense.*pkg_b.heads:Dense"):
         registry.discover(points)
 
@@ -47,6 +49,7 @@ def test_loading_is_lazy(monkeypatch):
 def test_resolved_options_name_what_runs_never_auto():
     import torch
     from headzoo.registry import create_head
+
     assert create_head("dense", 8, 5, batch_dice=False, ignore_label=None).resolved_options(torch.device("cpu")) == {}
     knn = create_head("knn", 8, 5, batch_dice=False, ignore_label=None)
     assert knn.resolved_options(torch.device("cpu"))["knn_backend"] in ("faiss", "torch")

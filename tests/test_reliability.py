@@ -1,4 +1,5 @@
 """Nothing wrong is recorded as `ok` (issue 11): one test per finding, in-process and quick."""
+
 import json
 import math
 import os
@@ -23,24 +24,39 @@ def _key(**settings):
 
 def test_key_covers_dataset_memory_limit_and_training_settings():
     base = _key()
-    assert len({base, _key(preset="tiny"), _key(memory_limit_bytes=2**30), _key(warmup=5), _key(grad_clip=None),
-                _key(amp=False), _key(lr=0.01)}) == 7
+    assert (
+        len(
+            {
+                base,
+                _key(preset="tiny"),
+                _key(memory_limit_bytes=2**30),
+                _key(warmup=5),
+                _key(grad_clip=None),
+                _key(amp=False),
+                _key(lr=0.01),
+            }
+        )
+        == 7
+    )
     assert record_key({"dataset_fingerprint": "a"}) != record_key({"dataset_fingerprint": "b"})
 
 
 @pytest.fixture(scope="module")
 def toy_folder(tmp_path_factory):
     from headzoo.toy import write_toy_dataset
+
     return write_toy_dataset(tmp_path_factory.mktemp("toy") / "Dataset", 4, "tiny", 0)
 
 
 def _copy(folder, tmp_path):
     import shutil
+
     return shutil.copytree(folder, tmp_path / "copy")
 
 
 def test_dataset_fingerprint_changes_when_a_file_changes(toy_folder, tmp_path):
     from headzoo.plan import folder_fingerprint
+
     copy = _copy(toy_folder, tmp_path)
     before = folder_fingerprint(copy)
     assert folder_fingerprint(copy) == before
@@ -52,6 +68,7 @@ def test_dataset_fingerprint_changes_when_a_file_changes(toy_folder, tmp_path):
 
 def test_truncated_image_is_refused_naming_the_file(toy_folder, tmp_path):
     from headzoo.validation import verify_raw_dataset
+
     copy = _copy(toy_folder, tmp_path)
     image = sorted((copy / "imagesTr").iterdir())[0]
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
@@ -62,6 +79,7 @@ def test_truncated_image_is_refused_naming_the_file(toy_folder, tmp_path):
 def test_undeclared_label_in_a_test_case_is_refused_naming_the_case(toy_folder, tmp_path):
     import SimpleITK as sitk
     from headzoo.validation import verify_raw_dataset
+
     copy = _copy(toy_folder, tmp_path)
     label_file = sorted((copy / "labelsTs").iterdir())[0]
     image = sitk.ReadImage(str(label_file))
@@ -89,8 +107,10 @@ class _Broken(headzoo.Head):
         return output.mean() * 0 + self.loss_value
 
 
-@pytest.mark.parametrize("channels,loss_value,message", [(3, math.nan, "non-finite loss .* at step 0"),
-                                                         (4, 1.0, "output has 4 channels, more than its 3 classes")])
+@pytest.mark.parametrize(
+    "channels,loss_value,message",
+    [(3, math.nan, "non-finite loss .* at step 0"), (4, 1.0, "output has 4 channels, more than its 3 classes")],
+)
 def test_run_time_contract_violations_stop_the_run(channels, loss_value, message):
     from headzoo.training import TrainStep, build_optimizer
 
@@ -101,6 +121,7 @@ def test_run_time_contract_violations_stop_the_run(channels, loss_value, message
 
         def forward(self, image):
             return self.head(image)
+
     network = Network(_Broken(channels, loss_value))
     optimizer = build_optimizer(network, 10, 1e-3)
     optimizer.train()  # as the training loop does: the loss is read back after the optimizer step
@@ -112,6 +133,7 @@ def test_run_time_contract_violations_stop_the_run(channels, loss_value, message
 
 def test_dice_refuses_predictions_and_test_labels_outside_the_classes():
     from headzoo.inference import DiceCounter
+
     counter = DiceCounter(3)
     with pytest.raises(ContractViolation, match="predicted label 3, outside"):
         counter.update(np.array([0, 3]), np.array([0, 1]), "case_1", "dense")
@@ -121,6 +143,7 @@ def test_dice_refuses_predictions_and_test_labels_outside_the_classes():
 
 def test_dice_counts_a_class_painted_over_background_as_a_false_positive():
     from headzoo.inference import DiceCounter
+
     counter = DiceCounter(4, ignore_label=3)
     counter.update(np.array([1, 1, 2, 0, 2]), np.array([1, 1, 0, 0, 3]))
     dice = counter.per_class()
@@ -152,17 +175,24 @@ def test_results_file_is_checked_before_training_and_written_through_links(tmp_p
             check_results_file(link)
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (["--seed", "-1"], "--seed must not be negative"),
-    (["--memory-limit", "-5GiB"], "memory size must be positive"),
-    (["--classes", "100000"], "more than the label maps hold"),
-    (["--classes", "many"], "--classes: cannot read 'many'"),
-    (["--eval-every", "0"], "--eval-every must be a positive number of steps, got 0"),
-])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--seed", "-1"], "--seed must not be negative"),
+        (["--memory-limit", "-5GiB"], "memory size must be positive"),
+        (["--classes", "100000"], "more than the label maps hold"),
+        (["--classes", "many"], "--classes: cannot read 'many'"),
+        (["--eval-every", "0"], "--eval-every must be a positive number of steps, got 0"),
+    ],
+)
 def test_bad_settings_are_one_line(tmp_path, capsys, monkeypatch, arguments, message):
     from headzoo.cli import main
-    monkeypatch.setattr(sys, "argv", ["headzoo", "run", "--head", "dense", "--preset", "tiny", *arguments,
-                                      "--out", str(tmp_path / "r.jsonl")])
+
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["headzoo", "run", "--head", "dense", "--preset", "tiny", *arguments, "--out", str(tmp_path / "r.jsonl")],
+    )
     with pytest.raises(SystemExit) as exit_info:
         main()
     stderr = capsys.readouterr().err
@@ -173,15 +203,18 @@ def test_a_broken_cache_setting_leaves_help_heads_and_leaderboard_working(tmp_pa
     env = {**os.environ, "HEADZOO_CACHE": "/proc/headzoo-cannot-be-here"}
     command = [sys.executable, "-m", "headzoo"]
     assert subprocess.run([*command, "heads"], env=env, capture_output=True).returncode == 0
-    run = subprocess.run([*command, "run", "--head", "dense", "--out", str(tmp_path / "r.jsonl")], env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [*command, "run", "--head", "dense", "--out", str(tmp_path / "r.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "HEADZOO_CACHE" in run.stderr
 
 
 def test_a_killed_sweep_takes_its_running_cell_with_it(tmp_path):
     marker = tmp_path / "child.pid"
-    script = (f"from headzoo.sweep import run_cell; "
-              f"run_cell(['sh', '-c', 'echo $$ > {marker}; exec sleep 60'])")
+    script = f"from headzoo.sweep import run_cell; run_cell(['sh', '-c', 'echo $$ > {marker}; exec sleep 60'])"
     parent = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.monotonic() + 120  # the parent imports torch first
     while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < deadline:
@@ -204,6 +237,7 @@ def test_a_killed_sweep_takes_its_running_cell_with_it(tmp_path):
 def test_peak_rss_is_the_measured_steps_not_the_whole_processes():
     """Memory the process touched before the step (nnU-Net's planning takes GiBs) is not the step's peak RSS."""
     from headzoo.measure import measure_peak_memory, peak_rss_bytes, reset_peak_rss
+
     if not reset_peak_rss():
         pytest.skip("no resettable peak RSS (/proc/self/clear_refs) here")
     touched = np.ones(512 * 2**20 // 8)  # 512 MiB, freed before the step

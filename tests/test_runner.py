@@ -2,6 +2,7 @@
 cases are given to `train_and_evaluate`, as `headzoo run` gives it nnU-Net's. The held-out cases are made as
 nnU-Net's predictor preprocesses a case (axes transposed by the plan, cropped to a box) and evaluated through
 nnU-Net's export back to the original geometry."""
+
 import copy
 
 import numpy as np
@@ -25,13 +26,23 @@ def _plans_manager():
     """A plan with what nnU-Net's export reads: the axes' transposition, the data configuration's spacing and
     resampling of the network's output (as the toy's plan has them), the label manager."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     resampling = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
-    return PlansManager({"transpose_forward": TRANSPOSE_FORWARD, "transpose_backward": TRANSPOSE_BACKWARD,
-                         "label_manager": "LabelManager",
-                         "configurations": {"3d_fullres": {
-                             "spacing": [1.0, 1.0, 1.0], "architecture": {},
-                             "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                             "resampling_fn_probabilities_kwargs": resampling}}})
+    return PlansManager(
+        {
+            "transpose_forward": TRANSPOSE_FORWARD,
+            "transpose_backward": TRANSPOSE_BACKWARD,
+            "label_manager": "LabelManager",
+            "configurations": {
+                "3d_fullres": {
+                    "spacing": [1.0, 1.0, 1.0],
+                    "architecture": {},
+                    "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                    "resampling_fn_probabilities_kwargs": resampling,
+                }
+            },
+        }
+    )
 
 
 def _case(key: str, reference: np.ndarray) -> HeldOutCase:
@@ -41,8 +52,12 @@ def _case(key: str, reference: np.ndarray) -> HeldOutCase:
     box = [[1, edge - 1] for edge in transposed.shape]
     cropped = transposed[tuple(slice(low, high) for low, high in box)]
     image = nn.functional.one_hot(torch.from_numpy(cropped), C).permute(3, 0, 1, 2).float()
-    properties = {"spacing": [1.0, 1.0, 1.0], "shape_before_cropping": list(transposed.shape),
-                  "bbox_used_for_cropping": box, "shape_after_cropping_and_before_resampling": list(cropped.shape)}
+    properties = {
+        "spacing": [1.0, 1.0, 1.0],
+        "shape_before_cropping": list(transposed.shape),
+        "bbox_used_for_cropping": box,
+        "shape_after_cropping_and_before_resampling": list(cropped.shape),
+    }
     return HeldOutCase(key, image, properties, reference)
 
 
@@ -86,8 +101,13 @@ def _batches(count: int, annotated: torch.Tensor | None = None) -> list[dict]:
     for _ in range(count):
         target = torch.randint(0, C, (2, 1, *PATCH), generator=generator)
         data = nn.functional.one_hot(target[:, 0], C).permute(0, 4, 1, 2, 3).float()
-        batches.append({"data": data + 0.5 * torch.randn(data.shape, generator=generator), "target": target,
-                        "annotated": annotated})
+        batches.append(
+            {
+                "data": data + 0.5 * torch.randn(data.shape, generator=generator),
+                "target": target,
+                "annotated": annotated,
+            }
+        )
     return batches
 
 
@@ -95,8 +115,10 @@ def _network(head: str = "dense", class_of_channel: list[int] | None = None) -> 
     """A 1×1×1 conv backbone and `head`; with `class_of_channel`, weights that predict class_of_channel[c] from
     a one-hot channel c (identity backbone, dense head with weight 10 from channel c to that class)."""
     torch.manual_seed(0)
-    network = SegmentationNetwork(nn.Conv3d(C, 8 if class_of_channel is None else C, 1),
-                                  headzoo.create_head(head, 8 if class_of_channel is None else C, C))
+    network = SegmentationNetwork(
+        nn.Conv3d(C, 8 if class_of_channel is None else C, 1),
+        headzoo.create_head(head, 8 if class_of_channel is None else C, C),
+    )
     if class_of_channel is not None:
         with torch.no_grad():
             network.backbone.weight.copy_(torch.eye(C)[..., None, None, None])
@@ -114,8 +136,7 @@ def _train(network, batches, held_out, **settings) -> dict:
 def test_a_perfect_predictor_scores_one_at_every_point_of_the_curve():
     """lr 0: the weights stay those that predict each voxel's class from its one-hot image."""
     held_out, batches = _held_out(), iter(_batches(8))
-    record = _train(_network(class_of_channel=[0, 1, 2, 3]), batches, held_out, steps=7, warmup=1, eval_every=3,
-                    lr=0.0)
+    record = _train(_network(class_of_channel=[0, 1, 2, 3]), batches, held_out, steps=7, warmup=1, eval_every=3, lr=0.0)
     assert [point["step"] for point in record["curve"]] == [3, 6, 7]
     assert held_out.cases.passes == 3  # one pass over the cases per point, the last the final evaluation
     assert [(p["dice_mean"], p["dice_worst10_mean"]) for p in record["curve"]] == [(1.0, 1.0)] * 3
@@ -133,8 +154,7 @@ def test_a_curve_whose_last_point_falls_on_the_last_step_has_it_once():
 def test_dice_is_nnunets_per_case_mean_on_swapped_classes():
     """Classes 1 and 2 predicted as each other: their Dice is 0 in every case; class 3 is right in the one case
     that has it and scored nowhere else (nnU-Net's per-class mean over the cases that score it)."""
-    record = _train(_network(class_of_channel=[0, 2, 1, 3]), iter(_batches(4)), _held_out(), steps=4, warmup=1,
-                    lr=0.0)
+    record = _train(_network(class_of_channel=[0, 2, 1, 3]), iter(_batches(4)), _held_out(), steps=4, warmup=1, lr=0.0)
     assert record["dice_mean"] == pytest.approx(1 / 3, abs=1e-12)
     assert record["dice_worst10_mean"] == 0.0 and record["dice_classes_present"] == 3
     assert record["dice_pooled_mean"] == pytest.approx(1 / 3, abs=1e-12) and record["curve"] is None

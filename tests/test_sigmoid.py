@@ -1,4 +1,5 @@
 """The sigmoid head's loss is MultiTalent's eq. (2), checked against a literal float64 statement."""
+
 import pytest
 import torch
 
@@ -40,8 +41,9 @@ def test_loss_and_gradients_equal_eq2(seed):
     loss = head.loss(logits, target, annotated)
     reference = reference_eq2(logits.flatten(2), target.flatten(1), annotated)
     torch.testing.assert_close(loss, reference, rtol=0, atol=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(reference, logits)[0],
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(loss, logits)[0], torch.autograd.grad(reference, logits)[0], rtol=1e-10, atol=1e-12
+    )
 
 
 def test_unannotated_class_relabelled_as_background_changes_nothing():
@@ -51,8 +53,9 @@ def test_unannotated_class_relabelled_as_background_changes_nothing():
     relabelled[0][relabelled[0] == 3] = 0
     assert (target[0] == 3).any()
     head = headzoo.create_head("sigmoid", 3, 8)
-    torch.testing.assert_close(head.loss(logits, target, annotated), head.loss(logits, relabelled, annotated),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        head.loss(logits, target, annotated), head.loss(logits, relabelled, annotated), rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 30])
@@ -64,8 +67,9 @@ def test_chunked_variant_equals_full_on_the_same_logits(chunk):
     annotated = torch.rand(2, 12) > 0.3
     loss = head.loss(basis, target, annotated)
     full_logits = head.logits(basis, slice(1, 12))
-    full = sigmoid_class_loss(full_logits.flatten(2), torch.arange(1, 12), target.flatten(1).long(),
-                              annotated[:, 1:].double())
+    full = sigmoid_class_loss(
+        full_logits.flatten(2), torch.arange(1, 12), target.flatten(1).long(), annotated[:, 1:].double()
+    )
     torch.testing.assert_close(loss, full, rtol=0, atol=1e-12)
     parameters = [basis, head.operator, head.class_bias]
     for got, want in zip(torch.autograd.grad(loss, parameters), torch.autograd.grad(full, parameters)):

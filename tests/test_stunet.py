@@ -1,6 +1,7 @@
 """STU-Net S/B/L/H against facts about the reference network (uni-medical/STU-Net's STUNetTrainer,
 stored in data/stunet_reference.json with how they were made): every state_dict name and shape, the
 paper's parameter counts, the outputs of a fixed seeded network; and a training step of each size."""
+
 import hashlib
 import json
 import os
@@ -19,9 +20,15 @@ WIDTH_DEPTH = {"stu-s": (16, 1), "stu-b": (32, 1), "stu-l": (64, 2), "stu-h": (9
 
 def _from_plan(architecture: dict, num_classes: int, deep_supervision: bool = False):
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                  architecture["_kw_requires_import"], 1, num_classes,
-                                  deep_supervision=deep_supervision)
+
+    return get_network_from_plans(
+        architecture["network_class_name"],
+        architecture["arch_kwargs"],
+        architecture["_kw_requires_import"],
+        1,
+        num_classes,
+        deep_supervision=deep_supervision,
+    )
 
 
 def _meta(architecture: dict, num_classes: int = 1):
@@ -41,13 +48,20 @@ def _digest(shapes: dict[str, list[int]]) -> str:
 
 def _layout(shapes: dict[str, list[int]]) -> dict[str, list[list[int]]]:
     """Per stage [blocks, input channels, output channels]; per upsample/seg conv [input, output] channels."""
+
     def indices(prefix: str, position: int) -> list[int]:
         return sorted({int(k.split(".")[position]) for k in shapes if k.startswith(prefix)})
 
     layout = {}
     for part in ("conv_blocks_context", "conv_blocks_localization"):
-        layout[part] = [[len(indices(f"{part}.{s}.", 2)), shapes[f"{part}.{s}.0.conv1.weight"][1],
-                         shapes[f"{part}.{s}.0.conv1.weight"][0]] for s in indices(f"{part}.", 1)]
+        layout[part] = [
+            [
+                len(indices(f"{part}.{s}.", 2)),
+                shapes[f"{part}.{s}.0.conv1.weight"][1],
+                shapes[f"{part}.{s}.0.conv1.weight"][0],
+            ]
+            for s in indices(f"{part}.", 1)
+        ]
     for part, weight in (("upsample_layers", "conv.weight"), ("seg_outputs", "weight")):
         layout[part] = [shapes[f"{part}.{i}.{weight}"][1::-1] for i in indices(f"{part}.", 1)]
     return layout
@@ -71,8 +85,11 @@ def test_a_reference_checkpoint_loads_into_the_backbone():
     """STU-Net's checkpoints load by name: all but the segmentation convs (the head's job) go into the
     backbone headzoo builds."""
     backbone, _ = build_network(get_backbone("stu-s")[0], 1, seed=0)
-    checkpoint = {k: torch.full(shape, 0.5) for k, shape in SIZES["stu-s"]["state_dict"].items()
-                  if not k.startswith("seg_outputs.")}
+    checkpoint = {
+        k: torch.full(shape, 0.5)
+        for k, shape in SIZES["stu-s"]["state_dict"].items()
+        if not k.startswith("seg_outputs.")
+    }
     result = backbone.load_state_dict(checkpoint, strict=False)
     assert not result.unexpected_keys
     assert result.missing_keys and all(k.startswith("seg_outputs.") for k in result.missing_keys)
@@ -124,11 +141,15 @@ def _available_memory_bytes() -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
-@pytest.mark.parametrize("name", [
-    "stu-s", "stu-b",
-    pytest.param("stu-l", marks=pytest.mark.slow),
-    pytest.param("stu-h", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "stu-s",
+        "stu-b",
+        pytest.param("stu-l", marks=pytest.mark.slow),
+        pytest.param("stu-h", marks=pytest.mark.slow),
+    ],
+)
 def test_training_step_at_a_small_patch(name):
     """Forward and backward at 32³ (strides as nnU-Net plans them for that patch); every used weight
     gets a gradient."""

@@ -6,8 +6,17 @@ import pytest
 import SimpleITK as sitk
 
 from headzoo.errors import HeadzooError
-from headzoo.toy import CODE_BRIGHT, CODE_DIM, COVERAGE_LIMIT, PRESETS, class_codes, lexicode, make_shape, volume_classes, \
-    write_toy_dataset
+from headzoo.toy import (
+    CODE_BRIGHT,
+    CODE_DIM,
+    COVERAGE_LIMIT,
+    PRESETS,
+    class_codes,
+    lexicode,
+    make_shape,
+    volume_classes,
+    write_toy_dataset,
+)
 
 
 def missing_in_training(preset: str, num_classes: int) -> set[int]:
@@ -76,13 +85,12 @@ def min_hamming_distance(codes: np.ndarray) -> int:
 @pytest.mark.parametrize("bits, distance, size", [(7, 3, 16), (8, 4, 16), (16, 4, 2048), (15, 3, 2048)])
 def test_lexicodes_are_the_hamming_codes(bits, distance, size):
     # Lexicodes of these lengths and distances are the (extended) Hamming codes, of known size.
-    code = lexicode(bits, distance, 10 ** 6)
+    code = lexicode(bits, distance, 10**6)
     assert len(code) == size
     assert min_hamming_distance((code[:, None] >> np.arange(bits)) & 1 == 1) == distance
 
 
-@pytest.mark.parametrize("shapes, bits, distance", [(99, 16, 6), (199, 16, 5), (999, 16, 4), (99, 12, 4),
-                                                    (999, 12, 2)])
+@pytest.mark.parametrize("shapes, bits, distance", [(99, 16, 6), (199, 16, 5), (999, 16, 4), (99, 12, 4), (999, 12, 2)])
 def test_class_codes_are_distinct_non_zero_and_far_apart(shapes, bits, distance):
     codes = class_codes(shapes, bits, np.random.default_rng(0))
     assert codes.shape == (shapes, bits) and codes.any(axis=1).all()
@@ -101,8 +109,9 @@ def test_code_channels_show_each_objects_class_code(tmp_path, monkeypatch):
     dataset = json.loads((folder / "dataset.json").read_text())
     assert len(dataset["channel_names"]) == 5
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr/toy_0001.nii.gz")))
-    channels = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"imagesTr/toy_0001_{k:04d}.nii.gz")))
-                         for k in range(5)])
+    channels = np.stack(
+        [sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"imagesTr/toy_0001_{k:04d}.nii.gz"))) for k in range(5)]
+    )
     assert not (folder / "imagesTr/toy_0001_0005.nii.gz").exists()
     assert np.abs(channels[:, label == 0].mean(axis=1)).max() < 5  # background: noise around 0 everywhere
     codes = {}

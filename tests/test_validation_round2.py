@@ -1,6 +1,7 @@
 """Nothing wrong is recorded as `ok`, round two (issue 22): one test per failure path, named `test_rowN_...`
 after the issue's table. Bad input is one line and exit status 2 (or a HeadzooError where the test calls the
 checking function itself), and never reaches data preparation: `runner.prepare` is replaced by a trap."""
+
 import json
 import math
 import os
@@ -33,12 +34,14 @@ def no_data(monkeypatch):
 
     def trap(config):
         raise AssertionError(f"data was prepared for {config}")
+
     monkeypatch.setattr(headzoo.runner, "prepare", trap)
 
 
 def main(arguments, capsys, monkeypatch):
     """`headzoo ARGUMENTS` through the CLI's main() in this process: (exit status, stderr)."""
     from headzoo.cli import main as cli_main
+
     monkeypatch.setattr(sys, "argv", ["headzoo", *arguments])
     with pytest.raises(SystemExit) as exit_info:
         cli_main()
@@ -51,9 +54,20 @@ def assert_one_line(code, stderr, message):
 
 def record(**values):
     """A results row as `headzoo run` writes it (the settings, an ok status and measurements)."""
-    return {**to_record(RunConfig(head="dense", classes=5, seed=0, patch=(16, 16, 16))), "schema_version": SCHEMA_VERSION,
-            "device_name": "cpu (test)", "status": "ok", "error": None, "dice_mean": 0.5, "dice_classes_present": 4,
-            "peak_memory_bytes": 2**20, "step_time_median_s": 0.1, "run_id": "r0", "dice_definition": "nnunet", **values}
+    return {
+        **to_record(RunConfig(head="dense", classes=5, seed=0, patch=(16, 16, 16))),
+        "schema_version": SCHEMA_VERSION,
+        "device_name": "cpu (test)",
+        "status": "ok",
+        "error": None,
+        "dice_mean": 0.5,
+        "dice_classes_present": 4,
+        "peak_memory_bytes": 2**20,
+        "step_time_median_s": 0.1,
+        "run_id": "r0",
+        "dice_definition": "nnunet",
+        **values,
+    }
 
 
 def write_rows(path, rows):
@@ -62,6 +76,7 @@ def write_rows(path, rows):
 
 
 # --- the results file (rows 1, 4, 10, 11, 12, 13, 17) and the leaderboard folder (row 3) ---------------------
+
 
 @pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
 def test_row1_an_out_that_is_a_device_is_refused_and_never_replaced(tmp_path):
@@ -85,6 +100,7 @@ def test_row17_an_out_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
 
 def test_row3_leaderboard_touches_nothing_it_did_not_write(tmp_path):
     from headzoo.leaderboard import render
+
     results = write_rows(tmp_path / "results.jsonl", [record(), record(classes=10)])
     user = tmp_path / "mine"
     user.mkdir()
@@ -113,6 +129,7 @@ def test_row13_leaderboard_out_that_is_a_file_is_one_line(tmp_path, capsys, monk
 
 def test_row4_a_bad_line_written_during_a_run_keeps_the_runs_record(tmp_path, capsys, monkeypatch, no_data):
     import headzoo.runner
+
     out = write_rows(tmp_path / "results.jsonl", [record(seed=1)])
     finished = record(run_id="finished-run")
 
@@ -120,6 +137,7 @@ def test_row4_a_bad_line_written_during_a_run_keeps_the_runs_record(tmp_path, ca
         with out.open("a") as handle:
             handle.write("{half a line\n")
         return finished
+
     monkeypatch.setattr(headzoo.runner, "run", run_while_someone_breaks_the_file)
     code, stderr = main([*RUN, "--head", "dense", "--classes", "5", "--out", str(out)], capsys, monkeypatch)
     assert_one_line(code, stderr, "results.jsonl:2 is not a JSON line")
@@ -139,8 +157,11 @@ def test_row10_stale_temporary_files_are_removed_under_the_lock(tmp_path):
     upsert_record(out, record(seed=1))
     assert not any(p.exists() for p in killed) and unrelated.exists()
     assert (tmp_path / ".results.jsonl.lock").exists() and len(read_records(out)) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.jsonl.lock", ".results.jsonl.notes",
-                                                         "results.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".results.jsonl.lock",
+        ".results.jsonl.notes",
+        "results.jsonl",
+    ]
 
 
 BAD_ROWS = [  # (row, what the one line says); rows 11 and 13 of the issue
@@ -159,16 +180,18 @@ BAD_ROWS = [  # (row, what the one line says); rows 11 and 13 of the issue
     (record(curve={"step": 10}), "curve must be null or a list of points"),
     (record(seed=-1), "seed must be an integer of at least 0"),
     (record(status="fine"), "status must be ok, oom or error"),
-    (5, "is not a JSON object: 5"), (None, "is not a JSON object: null"), ([1, 2], "is not a JSON object"),
+    (5, "is not a JSON object: 5"),
+    (None, "is not a JSON object: null"),
+    ([1, 2], "is not a JSON object"),
 ]
 
 
 @pytest.mark.parametrize("row,message", BAD_ROWS, ids=[m for _, m in BAD_ROWS])
-def test_rows_11_12_13_a_bad_row_is_one_line_naming_file_and_line(tmp_path, capsys, monkeypatch, no_data, row,
-                                                                  message):
+def test_rows_11_12_13_a_bad_row_is_one_line_naming_file_and_line(tmp_path, capsys, monkeypatch, no_data, row, message):
     results = write_rows(tmp_path / "results.jsonl", [record(seed=3), row])
-    code, stderr = main(["leaderboard", "--results", str(results), "--out", str(tmp_path / "board")], capsys,
-                        monkeypatch)
+    code, stderr = main(
+        ["leaderboard", "--results", str(results), "--out", str(tmp_path / "board")], capsys, monkeypatch
+    )
     assert_one_line(code, stderr, "results.jsonl:2")
     assert message in stderr
     code, stderr = main([*RUN, "--head", "dense", "--out", str(results)], capsys, monkeypatch)  # before training
@@ -183,6 +206,7 @@ def test_row11_identical_keys_are_refused_not_shown_as_a_seed_range(tmp_path):
 
 def test_row11_a_crash_row_without_a_device_is_shown(tmp_path):
     from headzoo.leaderboard import render
+
     crash = {**record(classes=7), "device_name": None, "status": "oom", "dice_mean": None}
     results = write_rows(tmp_path / "results.jsonl", [record(), crash])
     readme = render(results, tmp_path / "board").read_text()
@@ -203,6 +227,7 @@ def test_row12_a_non_utf8_file_and_a_symlink_loop_are_one_line(tmp_path, capsys,
 def test_the_repositorys_leaderboard_results_still_read():
     results = Path(__file__).parent.parent / "leaderboard" / "results.jsonl"
     from headzoo.results import LEADERBOARD_REQUIRED
+
     assert len(read_records(results, LEADERBOARD_REQUIRED)) == len(results.read_text().splitlines())
 
 
@@ -233,8 +258,9 @@ SETTINGS = [  # rows 5 and 8: each refused before any data, in one line
 
 
 @pytest.mark.parametrize("arguments,message", SETTINGS, ids=[m for _, m in SETTINGS])
-def test_rows_5_8_14_18_bad_settings_are_refused_before_any_data(tmp_path, capsys, monkeypatch, no_data,
-                                                                 arguments, message):
+def test_rows_5_8_14_18_bad_settings_are_refused_before_any_data(
+    tmp_path, capsys, monkeypatch, no_data, arguments, message
+):
     classes = [] if "--classes" in arguments else ["--classes", "5"]
     code, stderr = main([*RUN, *classes, *arguments, "--out", str(tmp_path / "r.jsonl")], capsys, monkeypatch)
     assert_one_line(code, stderr, message)
@@ -250,6 +276,7 @@ def test_row8_the_knn_defaults_fit_few_classes_and_the_record_says_what_ran():
 @pytest.mark.parametrize("option", ["in_channels", "num_classes", "name"])
 def test_row14_options_named_like_create_heads_arguments_are_one_line(option, monkeypatch):
     from headzoo.nnunet.trainer import options_from_environment
+
     monkeypatch.setenv("HEADZOO_HEAD_OPTIONS", f"{option}=3")
     with pytest.raises(HeadzooError, match=f"head 'dense' rejected its options .*'{option}'"):
         headzoo.create_head("dense", 8, 5, **options_from_environment())  # as build_head_network calls it
@@ -258,6 +285,7 @@ def test_row14_options_named_like_create_heads_arguments_are_one_line(option, mo
 def test_row18_a_sweep_refuses_bad_variants_while_planning(no_data):
     from headzoo.cli import parse_variant
     from headzoo.sweep import plan_grid
+
     settings = {"preset": "tiny", "steps": 6, "patch": (16, 16, 16)}
     with pytest.raises(HeadzooError, match="rank must be an integer or null, got '3:chunk=2'"):
         plan_grid(settings, [("dense", {}), parse_variant("sigmoid:rank=3:chunk=2")], [5], [0])
@@ -268,8 +296,11 @@ def test_row18_a_sweep_refuses_bad_variants_while_planning(no_data):
 
 
 def test_row21_a_variant_without_a_value_names_variant_not_option(tmp_path, capsys, monkeypatch):
-    code, stderr = main(["sweep", "--heads", "", "--variant", "sigmoid:rank", "--classes", "5",
-                         "--out", str(tmp_path / "r.jsonl")], capsys, monkeypatch)
+    code, stderr = main(
+        ["sweep", "--heads", "", "--variant", "sigmoid:rank", "--classes", "5", "--out", str(tmp_path / "r.jsonl")],
+        capsys,
+        monkeypatch,
+    )
     assert_one_line(code, stderr, "--variant sigmoid:rank expects KEY=VALUE, got 'rank'")
     assert "--option" not in stderr
 
@@ -281,6 +312,7 @@ def test_parse_option_keeps_its_json_values():
 
 
 # --- the sigmoid head's ignore label (row 9) -----------------------------------------------------------------
+
 
 def _multitalent_loss_without_ignored_voxels(logits, target, ignore_label):
     """Eq. (2) in float64 over each sample's kept voxels only (every class annotated): Σ_c Σ_b BCE mean over the
@@ -323,9 +355,11 @@ def test_row9_sigmoid_leaves_ignore_label_voxels_out_of_its_loss(options):
 
 # --- the --dataset folder (rows 6, 15, 19, 20) ----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def toy_folder(tmp_path_factory):
     from headzoo.toy import write_toy_dataset
+
     return write_toy_dataset(tmp_path_factory.mktemp("toy") / "Dataset", 4, "tiny", 0)
 
 
@@ -341,6 +375,7 @@ def _edit_json(folder, **changes):
 
 def _verify(folder):
     from headzoo.validation import verify_raw_dataset
+
     verify_raw_dataset(folder, json.loads((folder / "dataset.json").read_text()))
 
 
@@ -350,8 +385,9 @@ def test_row6_region_labels_are_refused(toy_folder, tmp_path, capsys, monkeypatc
     _edit_json(copy, labels={**labels, "whole": [1, 2, 3]}, regions_class_order=[1, 2, 3, 4])
     with pytest.raises(HeadzooError, match="declares region-based labels"):
         _verify(copy)
-    code, stderr = main([*RUN, "--head", "dense", "--dataset", str(copy), "--out", str(tmp_path / "r.jsonl")],
-                        capsys, monkeypatch)
+    code, stderr = main(
+        [*RUN, "--head", "dense", "--dataset", str(copy), "--out", str(tmp_path / "r.jsonl")], capsys, monkeypatch
+    )
     assert_one_line(code, stderr, "regions are not supported")
 
 
@@ -377,10 +413,14 @@ def test_row15_channels_of_different_spacing_are_one_line_naming_the_case(toy_fo
         image = sitk.Image(image)
         image.SetSpacing([2.0, 2.0, 2.0])
         return image
+
     for split in ("Tr", "Ts"):
         _rewrite_images(copy, split, coarser, channel="0001")
-    with pytest.raises(HeadzooError, match=r"copy/labelsTr/toy_0000: ERROR! Not all input images have the same "
-                                           r"spacing!.*toy_0000_0001.nii.gz"):
+    with pytest.raises(
+        HeadzooError,
+        match=r"copy/labelsTr/toy_0000: ERROR! Not all input images have the same "
+        r"spacing!.*toy_0000_0001.nii.gz",
+    ):
         _verify(copy)
 
 
@@ -418,16 +458,26 @@ def test_row20_a_2d_dataset_is_refused_in_words(tmp_path):
             label = sitk.GetImageFromArray((np.arange(32 * 32).reshape(32, 32) % 2).astype(np.uint8))
             sitk.WriteImage(image, str(folder / f"images{split}" / f"case{case}_0000.nii.gz"))
             sitk.WriteImage(label, str(folder / f"labels{split}" / f"case{case}.nii.gz"))
-    (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "channel_names": {"0": "x"},
-                                                     "file_ending": ".nii.gz", "numTraining": 2}))
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "labels": {"background": 0, "a": 1},
+                "channel_names": {"0": "x"},
+                "file_ending": ".nii.gz",
+                "numTraining": 2,
+            }
+        )
+    )
     with pytest.raises(HeadzooError, match="Dataset2D/labelsTr/case0: a 2D image .*2D datasets are not supported"):
         _verify(folder)
 
 
 # --- nnU-Net training and prediction (rows 2, 7, 16, 21) -------------------------------------------------------
 
+
 def test_row7_nnunet_training_refuses_a_partially_labelled_dataset():
     from headzoo.nnunet.trainer import make_trainer
+
     trainer = make_trainer("sigmoid", "_smoke")
     with pytest.raises(HeadzooError, match="is partially labelled .2 sources"):
         trainer({}, "3d_fullres", 0, {"name": "HeadzooToy", "headzoo": {"sources": 2}}, torch.device("cpu"))
@@ -443,6 +493,7 @@ def _nifti(path, array, spacing=(1.0, 1.0, 1.0)):
 def test_row2_a_truncated_prediction_input_is_refused_naming_the_file(tmp_path):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from headzoo.validation import check_prediction_case
+
     path = _nifti(tmp_path / "case_0000.nii.gz", np.random.default_rng(0).random((24, 24, 24)).astype(np.float32))
     check_prediction_case("case", [path], SimpleITKIO, three_d=True)
     Path(path).write_bytes(Path(path).read_bytes()[: Path(path).stat().st_size * 2 // 3])
@@ -453,6 +504,7 @@ def test_row2_a_truncated_prediction_input_is_refused_naming_the_file(tmp_path):
 def test_row21_a_2d_image_for_a_3d_model_is_refused(tmp_path):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from headzoo.validation import check_prediction_case
+
     path = _nifti(tmp_path / "flat_0000.nii.gz", np.zeros((32, 32), np.float32))
     with pytest.raises(HeadzooError, match="input case 'flat': a 2D image .* the model is 3D"):
         check_prediction_case("flat", [path], SimpleITKIO, three_d=True)
@@ -475,6 +527,7 @@ def _checkpoint_files(tmp_path):
 
 def test_row16_a_broken_checkpoint_is_one_line(tmp_path):
     from headzoo.nnunet.predict import load_checkpoint
+
     good, broken = _checkpoint_files(tmp_path)
     assert load_checkpoint(good)["init_args"]["configuration"] == "3d_fullres"
     for name, path in broken.items():
@@ -484,19 +537,30 @@ def test_row16_a_broken_checkpoint_is_one_line(tmp_path):
 
 def test_row16_devices_folds_and_unpreprocessed_configurations_are_one_line(tmp_path):
     from headzoo.nnunet.train import check_device, check_preprocessed
+
     if not torch.backends.mps.is_available():
         with pytest.raises(HeadzooError, match="no MPS device"):
             check_device("mps")
     folder = tmp_path / "Dataset987_Toy"
     (folder / "nnUNetPlans_3d_fullres").mkdir(parents=True)
     architecture = {"network_class_name": "x", "arch_kwargs": {}, "_kw_requires_import": []}
-    (folder / "nnUNetPlans.json").write_text(json.dumps({"configurations": {
-        name: {"data_identifier": f"nnUNetPlans_{name}", "architecture": architecture} for name in ("2d", "3d_fullres")}}))
+    (folder / "nnUNetPlans.json").write_text(
+        json.dumps(
+            {
+                "configurations": {
+                    name: {"data_identifier": f"nnUNetPlans_{name}", "architecture": architecture}
+                    for name in ("2d", "3d_fullres")
+                }
+            }
+        )
+    )
     check_preprocessed(folder, "987", "3d_fullres", "nnUNetPlans", "0")
     with pytest.raises(HeadzooError, match="fold must be 0-4 .* or all, got 'abc'"):
         check_preprocessed(folder, "987", "3d_fullres", "nnUNetPlans", "abc")
-    with pytest.raises(HeadzooError, match="configuration '2d' of Dataset987_Toy is not preprocessed .*"
-                                           "nnUNetv2_preprocess -d 987 -c 2d"):
+    with pytest.raises(
+        HeadzooError,
+        match="configuration '2d' of Dataset987_Toy is not preprocessed .*nnUNetv2_preprocess -d 987 -c 2d",
+    ):
         check_preprocessed(folder, "987", "2d", "nnUNetPlans", "all")
     with pytest.raises(HeadzooError, match="has no configuration '3d_fulres' .did you mean '3d_fullres'"):
         check_preprocessed(folder, "987", "3d_fulres", "nnUNetPlans", "1")
@@ -507,8 +571,17 @@ def test_rows_2_16_21_predict_and_nnunet_train_end_to_end(nnunet, tmp_path):
     """Through `headzoo predict` and `headzoo nnunet-train` on a tiny toy trained here (tests/test_nnunet.py's
     fixture): each bad input one line, exit status 2, nothing written."""
     trainer = "nnUNetTrainer_dense_smoke"
-    trained = test_nnunet.headzoo("nnunet-train", str(test_nnunet.DATASET_ID), "3d_fullres", "0", "-tr", trainer,
-                                  "-device", "cpu", env=nnunet["env"])
+    trained = test_nnunet.headzoo(
+        "nnunet-train",
+        str(test_nnunet.DATASET_ID),
+        "3d_fullres",
+        "0",
+        "-tr",
+        trainer,
+        "-device",
+        "cpu",
+        env=nnunet["env"],
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     truncated, flat = tmp_path / "truncated", tmp_path / "flat"
     shutil.copytree(nnunet["raw"] / "imagesTs", truncated)
@@ -520,17 +593,20 @@ def test_rows_2_16_21_predict_and_nnunet_train_end_to_end(nnunet, tmp_path):
     _, broken = _checkpoint_files(tmp_path)
     for path in broken.values():
         shutil.copy(path, fold / path.name)
-    cases = [(["-i", str(truncated)], f"{victim.name} is truncated or corrupt"),
-             (["-i", str(flat)], "a 2D image (one slice, 32x32): the model is 3D"),
-             (["-device", "mps"], "no MPS device"),
-             *((["-chk", path.name], "checkpoint") for path in broken.values())]
+    cases = [
+        (["-i", str(truncated)], f"{victim.name} is truncated or corrupt"),
+        (["-i", str(flat)], "a 2D image (one slice, 32x32): the model is 3D"),
+        (["-device", "mps"], "no MPS device"),
+        *((["-chk", path.name], "checkpoint") for path in broken.values()),
+    ]
     for extra, message in cases:
         out = tmp_path / "out"
         result = test_nnunet.predict(nnunet, trainer, out, *extra)
         assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-2000:])
         assert result.stderr.strip().count("\n") == 0 and not out.exists(), result.stderr
     for arguments, message in ((["3d_fullres", "abc"], "fold must be"), (["2d", "0"], "is not preprocessed")):
-        result = test_nnunet.headzoo("nnunet-train", str(test_nnunet.DATASET_ID), *arguments, "-tr", trainer,
-                                     "-device", "cpu", env=nnunet["env"])
+        result = test_nnunet.headzoo(
+            "nnunet-train", str(test_nnunet.DATASET_ID), *arguments, "-tr", trainer, "-device", "cpu", env=nnunet["env"]
+        )
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert result.stderr.strip().count("\n") == 0, result.stderr

@@ -6,6 +6,7 @@ one. Run without TRITON_INTERPRET (interpreted kernels cannot be compiled); prin
 
     python tests/triton_aot.py --dtype fp32 --rank 32 [--block-voxels 64 --block-classes 64 --arch 90]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,23 +46,36 @@ def signature(kernel, dtype: str, constants: dict) -> dict[str, str]:
     return types
 
 
-def compile_kernel(name: str, dtype: str, rank: int, block_voxels: int, block_classes: int, arch: int,
-                   num_warps: int) -> dict:
+def compile_kernel(
+    name: str, dtype: str, rank: int, block_voxels: int, block_classes: int, arch: int, num_warps: int
+) -> dict:
     """ptxas's report of one kernel: registers, spill stores (bytes per thread), shared memory, mma instructions."""
     kernel = getattr(chunked_triton, name)
-    constants = dict(BLOCK_V=block_voxels, BLOCK_C=block_classes, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                     PRECISION=chunked_triton.dot_precision(DTYPES[dtype]), UPCAST_BF16=False)
+    constants = dict(
+        BLOCK_V=block_voxels,
+        BLOCK_C=block_classes,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        PRECISION=chunked_triton.dot_precision(DTYPES[dtype]),
+        UPCAST_BF16=False,
+    )
     source = ASTSource(fn=kernel, signature=signature(kernel, dtype, constants), constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
-        report = subprocess.run([str(PTXAS), f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v",
-                                 ptx.name, "-o", "/dev/null"], capture_output=True, text=True, check=True).stderr
-    return {"kernel": name, "registers": int(re.search(r"Used (\d+) registers", report).group(1)),
-            "spill_store_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
-            "shared_bytes": compiled.metadata.shared,
-            "mma_instructions": len(re.findall(r"\b(?:wgmma|mma)\.", compiled.asm["ptx"]))}
+        report = subprocess.run(
+            [str(PTXAS), f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", ptx.name, "-o", "/dev/null"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    return {
+        "kernel": name,
+        "registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+        "spill_store_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
+        "shared_bytes": compiled.metadata.shared,
+        "mma_instructions": len(re.findall(r"\b(?:wgmma|mma)\.", compiled.asm["ptx"])),
+    }
 
 
 def main() -> None:
@@ -76,8 +90,9 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.kernels:
         try:
-            row = compile_kernel(name, args.dtype, args.rank, args.block_voxels, args.block_classes, args.arch,
-                                 args.num_warps)
+            row = compile_kernel(
+                name, args.dtype, args.rank, args.block_voxels, args.block_classes, args.arch, args.num_warps
+            )
         except Exception as error:  # noqa: BLE001 — the report says which kernel failed to compile, and why
             row = {"kernel": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
         print(json.dumps(row), flush=True)

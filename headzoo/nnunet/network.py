@@ -6,6 +6,7 @@ full-resolution seg conv's place, so checkpoints and pretrained weights keep nnU
 supervision is off; unlike a run's, the lower-resolution seg convs are removed: nnU-Net wraps the network in
 DDP, which fails on parameters no loss reaches.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -22,8 +23,9 @@ def head_options(options: dict, configuration_manager, label_manager) -> dict:
     return {**{k: plan[k] for k in PLAN_OPTIONS}, **options}
 
 
-def build_head_network(configuration_manager, num_input_channels: int, num_classes: int, head_name: str,
-                       options: dict) -> nn.Module:
+def build_head_network(
+    configuration_manager, num_input_channels: int, num_classes: int, head_name: str, options: dict
+) -> nn.Module:
     """The plan configuration's network (``build_network``), the head in its full-resolution seg conv's place."""
     network, features = build_network(configuration_manager.configuration["architecture"], num_input_channels)
     layers = segmentation_layers(network)

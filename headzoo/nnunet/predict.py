@@ -1,6 +1,7 @@
 """``headzoo predict``: ``nnUNetv2_predict`` for models trained with a headzoo trainer, aggregating only the
 head's K output channels (``predictor``). Bad input is refused before anything is written: the checkpoint,
 the input cases (names, then each read as nnU-Net will read it: validation.check_prediction_case)."""
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,16 @@ def load_checkpoint(path: Path) -> dict:
         reason = str(error).splitlines()[0] if str(error) else ""
         raise HeadzooError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason[:200]})") from None
     init_args = checkpoint.get("init_args") if isinstance(checkpoint, dict) else None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict) or \
-            not isinstance(init_args, dict) or not isinstance(init_args.get("configuration"), str):
-        raise HeadzooError(f"{path} is not an nnU-Net trainer's checkpoint (no network_weights, or no init_args "
-                           "naming its configuration)")
+    if (
+        not isinstance(checkpoint, dict)
+        or not isinstance(checkpoint.get("network_weights"), dict)
+        or not isinstance(init_args, dict)
+        or not isinstance(init_args.get("configuration"), str)
+    ):
+        raise HeadzooError(
+            f"{path} is not an nnU-Net trainer's checkpoint (no network_weights, or no init_args "
+            "naming its configuration)"
+        )
     return checkpoint
 
 
@@ -51,8 +58,10 @@ def input_cases(folder: Path, file_ending: str, channels: int) -> list[list[str]
     for case, files in cases.items():
         if sorted(files) != list(range(channels)):
             found = ", ".join(f"_{c:04d}" for c in sorted(files))
-            raise HeadzooError(f"case '{case}' has channel files {found}; the model takes {channels} channel(s) "
-                               f"(_0000 … _{channels - 1:04d})")
+            raise HeadzooError(
+                f"case '{case}' has channel files {found}; the model takes {channels} channel(s) "
+                f"(_0000 … _{channels - 1:04d})"
+            )
     return [[files[c] for c in range(channels)] for files in cases.values()]
 
 
@@ -65,10 +74,20 @@ def ensure_writable_folder(folder: Path) -> None:
         raise HeadzooError(f"cannot write to output folder {folder}: {error.strerror or error}") from None
 
 
-def predict(input_folder: Path, output_folder: Path, dataset: str, configuration: str, folds: list[str],
-            trainer: str, plans: str = "nnUNetPlans", checkpoint_name: str = "checkpoint_final.pth",
-            device: str = "cuda", disable_tta: bool = False, step_size: float = 0.5,
-            num_processes_preprocessing: int = 3) -> None:
+def predict(
+    input_folder: Path,
+    output_folder: Path,
+    dataset: str,
+    configuration: str,
+    folds: list[str],
+    trainer: str,
+    plans: str = "nnUNetPlans",
+    checkpoint_name: str = "checkpoint_final.pth",
+    device: str = "cuda",
+    disable_tta: bool = False,
+    step_size: float = 0.5,
+    num_processes_preprocessing: int = 3,
+) -> None:
     """Predict every case in ``input_folder`` into ``output_folder`` as nnU-Net's label files."""
     use_user_nnunet_folders()
     from nnunetv2.utilities.file_path_utilities import get_output_folder
@@ -90,8 +109,10 @@ def predict(input_folder: Path, output_folder: Path, dataset: str, configuration
     if not isinstance(head, dict) or not isinstance(head.get("head"), str) or not isinstance(head.get("options"), dict):
         raise HeadzooError(f"{trainer} is not a headzoo trainer; predict with nnUNetv2_predict")
     if len(folds) > 1 and head["head"] != "dense":
-        raise HeadzooError(f"an ensemble of folds averages C logits; the '{head['head']}' head's K channels "
-                           "differ per fold: predict one fold (-f N)")
+        raise HeadzooError(
+            f"an ensemble of folds averages C logits; the '{head['head']}' head's K channels "
+            "differ per fold: predict one fold (-f N)"
+        )
 
     dataset_json = json.loads((model_folder / "dataset.json").read_text())
     plans_manager = PlansManager(json.loads((model_folder / "plans.json").read_text()))
@@ -102,19 +123,42 @@ def predict(input_folder: Path, output_folder: Path, dataset: str, configuration
     ending = dataset_json["file_ending"]
     cases = input_cases(input_folder, ending, channels)
     for files in cases:
-        check_prediction_case(Path(files[0]).name[: -len(f"_0000{ending}")], files,
-                              plans_manager.image_reader_writer_class, len(configuration_manager.patch_size) == 3)
+        check_prediction_case(
+            Path(files[0]).name[: -len(f"_0000{ending}")],
+            files,
+            plans_manager.image_reader_writer_class,
+            len(configuration_manager.patch_size) == 3,
+        )
     ensure_writable_folder(output_folder)
 
     num_classes = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
     network = build_head_network(configuration_manager, channels, num_classes, head["head"], head["options"])
     parameters = [c["network_weights"] for c in checkpoints]
     network.load_state_dict(parameters[0])
-    predictor = HeadPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
-                              perform_everything_on_device=True, device=torch_device, verbose=False,
-                              verbose_preprocessing=False, allow_tqdm=False)
-    predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
-                                    trainer, checkpoints[0].get("inference_allowed_mirroring_axes"))
-    predictor.predict_from_files(cases, str(output_folder), save_probabilities=False, overwrite=True,
-                                 num_processes_preprocessing=num_processes_preprocessing,
-                                 num_processes_segmentation_export=0)
+    predictor = HeadPredictor(
+        tile_step_size=step_size,
+        use_gaussian=True,
+        use_mirroring=not disable_tta,
+        perform_everything_on_device=True,
+        device=torch_device,
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
+    predictor.manual_initialization(
+        network,
+        plans_manager,
+        configuration_manager,
+        parameters,
+        dataset_json,
+        trainer,
+        checkpoints[0].get("inference_allowed_mirroring_axes"),
+    )
+    predictor.predict_from_files(
+        cases,
+        str(output_folder),
+        save_probabilities=False,
+        overwrite=True,
+        num_processes_preprocessing=num_processes_preprocessing,
+        num_processes_segmentation_export=0,
+    )

@@ -6,6 +6,7 @@ resamples the head's K output channels (Gaussian and mirror averaging and linear
 with a linear head such as the chunked one), and the head predicts once, at the end. Memory of the
 aggregation and the resampling is O(K), whatever C is.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,25 +50,30 @@ class HeadPredictor(nnUNetPredictor):
         finally:
             self.label_manager = label_manager
 
-    def _internal_get_data_iterator_from_lists_of_filenames(self, input_list_of_lists, seg_from_prev_stage_files,
-                                                            output_filenames_truncated, num_processes: int):
+    def _internal_get_data_iterator_from_lists_of_filenames(
+        self, input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated, num_processes: int
+    ):
         """nnU-Net's background preprocessing workers, or with ``num_processes == 0`` preprocessing in this
         process (as ``predict_from_files_sequential``)."""
         if num_processes > 0:
             return super()._internal_get_data_iterator_from_lists_of_filenames(
-                input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated, num_processes)
+                input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated, num_processes
+            )
         return self._preprocess_here(input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated)
 
     def _preprocess_here(self, input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated):
         preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose_preprocessing)
-        for files, segmentation, ofile in zip(input_list_of_lists, seg_from_prev_stage_files,
-                                              output_filenames_truncated):
-            data, _, properties = preprocessor.run_case(files, segmentation, self.plans_manager,
-                                                        self.configuration_manager, self.dataset_json)
+        for files, segmentation, ofile in zip(
+            input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated
+        ):
+            data, _, properties = preprocessor.run_case(
+                files, segmentation, self.plans_manager, self.configuration_manager, self.dataset_json
+            )
             yield {"data": torch.from_numpy(data), "data_properties": properties, "ofile": ofile}
 
-    def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
-                                   num_processes_segmentation_export: int = 0):
+    def predict_from_data_iterator(
+        self, data_iterator, save_probabilities: bool = False, num_processes_segmentation_export: int = 0
+    ):
         """Predict and export each preprocessed case in this process, one label file at a time."""
         head = head_of(self.network)
         for preprocessed in data_iterator:
@@ -77,11 +83,20 @@ class HeadPredictor(nnUNetPredictor):
                 os.remove(path)
             expected = determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
             if data.shape[0] != expected:
-                raise HeadzooError(f"{os.path.basename(preprocessed['ofile'])}: the model takes {expected} input "
-                                   f"channel(s), the image has {data.shape[0]}")
+                raise HeadzooError(
+                    f"{os.path.basename(preprocessed['ofile'])}: the model takes {expected} input "
+                    f"channel(s), the image has {data.shape[0]}"
+                )
             output = self.predict_logits_from_preprocessed_data(data).cpu()
-            export_head_prediction(output, preprocessed["data_properties"], self.configuration_manager,
-                                   self.plans_manager, self.dataset_json, preprocessed["ofile"], head)
+            export_head_prediction(
+                output,
+                preprocessed["data_properties"],
+                self.configuration_manager,
+                self.plans_manager,
+                self.dataset_json,
+                preprocessed["ofile"],
+                head,
+            )
             print(f"wrote {preprocessed['ofile'] + self.dataset_json['file_ending']}")
         compute_gaussian.cache_clear()
 
@@ -106,14 +121,20 @@ class _HeadLabels:
         labels = torch.empty(output.shape[1:], dtype=torch.long)
         rows = max(1, PREDICT_VOXELS // math.prod(output.shape[2:]))
         for start in range(0, output.shape[1], rows):
-            slab = output[None, :, start:start + rows].to(device, torch.float32)
-            labels[start:start + rows] = self.head.predict(slab)[0].cpu()
+            slab = output[None, :, start : start + rows].to(device, torch.float32)
+            labels[start : start + rows] = self.head.predict(slab)[0].cpu()
         return labels.numpy()
 
 
-def segmentation_in_original_geometry(output: torch.Tensor | np.ndarray, properties: dict, configuration_manager,
-                                      plans_manager, dataset_json: dict, head: Head,
-                                      threads: int | None = None) -> np.ndarray:
+def segmentation_in_original_geometry(
+    output: torch.Tensor | np.ndarray,
+    properties: dict,
+    configuration_manager,
+    plans_manager,
+    dataset_json: dict,
+    head: Head,
+    threads: int | None = None,
+) -> np.ndarray:
     """nnU-Net's export of a (K, *preprocessed shape) output: resampled to the original spacing, the head's
     prediction put back into the uncropped volume (background outside the crop), axes transposed back; the
     array nnU-Net's reader returns for the written label file. `threads`: torch threads while resampling
@@ -121,15 +142,24 @@ def segmentation_in_original_geometry(output: torch.Tensor | np.ndarray, propert
     label_manager = plans_manager.get_label_manager(dataset_json)
     extra = {} if threads is None else {"num_threads_torch": threads}
     return convert_predicted_logits_to_segmentation_with_correct_shape(
-        output, plans_manager, configuration_manager, _HeadLabels(label_manager, head), properties, **extra)
+        output, plans_manager, configuration_manager, _HeadLabels(label_manager, head), properties, **extra
+    )
 
 
-def export_head_prediction(output: torch.Tensor | np.ndarray, properties: dict, configuration_manager, plans_manager,
-                           dataset_json: dict, output_file_truncated: str, head: Head) -> None:
+def export_head_prediction(
+    output: torch.Tensor | np.ndarray,
+    properties: dict,
+    configuration_manager,
+    plans_manager,
+    dataset_json: dict,
+    output_file_truncated: str,
+    head: Head,
+) -> None:
     """Resample the K channels to the original geometry (nnU-Net's code), let the head predict, write the label
     file nnU-Net would write, atomically: under a hidden temporary name first, then renamed."""
-    segmentation = segmentation_in_original_geometry(output, properties, configuration_manager, plans_manager,
-                                                     dataset_json, head)
+    segmentation = segmentation_in_original_geometry(
+        output, properties, configuration_manager, plans_manager, dataset_json, head
+    )
     ending = dataset_json["file_ending"]
     folder, name = os.path.split(output_file_truncated)
     final = output_file_truncated + ending
@@ -146,6 +176,7 @@ def export_head_prediction(output: torch.Tensor | np.ndarray, properties: dict, 
 class HeadExport:
     """``export_prediction_from_logits`` for nnU-Net's validation export pool (picklable: the head as name,
     sizes, options and weights, rebuilt in the worker)."""
+
     head_name: str
     in_channels: int
     num_classes: int
@@ -157,12 +188,21 @@ class HeadExport:
         state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
         return cls(head_name, head.in_channels, head.num_classes, options, state)
 
-    def __call__(self, output, properties: dict, configuration_manager, plans_manager, dataset_json,
-                 output_file_truncated: str, save_probabilities: bool = False) -> None:
+    def __call__(
+        self,
+        output,
+        properties: dict,
+        configuration_manager,
+        plans_manager,
+        dataset_json,
+        output_file_truncated: str,
+        save_probabilities: bool = False,
+    ) -> None:
         head = create_head(self.head_name, self.in_channels, self.num_classes, **self.options)
         head.load_state_dict(self.state_dict)
-        export_head_prediction(output, properties, configuration_manager, plans_manager, dataset_json,
-                               output_file_truncated, head.eval())
+        export_head_prediction(
+            output, properties, configuration_manager, plans_manager, dataset_json, output_file_truncated, head.eval()
+        )
 
 
 @contextlib.contextmanager
@@ -170,6 +210,7 @@ def validation_through_head(network: nn.Module, head_name: str, options: dict):
     """During ``nnUNetTrainer.perform_actual_validation``: its predictor aggregates K channels and its export
     pool exports through the head (nnU-Net's validation code itself is unchanged)."""
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
     saved = trainer_module.nnUNetPredictor, trainer_module.export_prediction_from_logits
     trainer_module.nnUNetPredictor = HeadPredictor
     trainer_module.export_prediction_from_logits = HeadExport.of(head_of(network), head_name, options)

@@ -14,6 +14,7 @@ Deep supervision is off (see ``network``). Head options come from the environmen
 ``HEADZOO_HEAD_OPTIONS`` (``"rank=16,chunk=10"``) when training starts and are saved in the checkpoint
 (``init_args["headzoo"]``), from which ``headzoo predict`` and ``--c``/``--val`` rebuild the same head.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -54,9 +55,11 @@ def refuse_partial_labels(dataset_json: dict) -> None:
     toy --partial K``) every class a case's source did not annotate would be trained as background."""
     sources = dataset_json.get("headzoo", {}).get("sources", 1)
     if sources > 1:
-        raise HeadzooError(f"{dataset_json.get('name', 'this dataset')} is partially labelled ({sources} sources, each "
-                           "annotating its own classes): nnU-Net's training loop cannot pass the annotated classes to "
-                           "the head's loss; train it with `headzoo run --dataset FOLDER --head sigmoid`")
+        raise HeadzooError(
+            f"{dataset_json.get('name', 'this dataset')} is partially labelled ({sources} sources, each "
+            "annotating its own classes): nnU-Net's training loop cannot pass the annotated classes to "
+            "the head's loss; train it with `headzoo run --dataset FOLDER --head sigmoid`"
+        )
 
 
 def refuse_regions(label_manager) -> None:
@@ -70,8 +73,14 @@ class nnUNetTrainerHead(nnUNetTrainer):
     head_name: str = ""
     variant: dict = {}
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
         refuse_partial_labels(dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
         for setting, value in self.variant.items():
@@ -90,16 +99,34 @@ class nnUNetTrainerHead(nnUNetTrainer):
         self.my_init_kwargs["headzoo"] = {"head": self.head_name, "options": self.head_options}
 
     @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True):
+    def build_network_architecture(
+        cls,
+        plans_manager,
+        configuration_manager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ):
         """Called on the class by nnU-Net's own predictor: options from ``HEADZOO_HEAD_OPTIONS``."""
-        return build_head_network(configuration_manager, num_input_channels, num_output_channels, cls.head_name,
-                                  options_from_environment())
+        return build_head_network(
+            configuration_manager, num_input_channels, num_output_channels, cls.head_name, options_from_environment()
+        )
 
-    def _build_network_with_own_options(self, plans_manager, configuration_manager, num_input_channels: int,
-                                        num_output_channels: int, enable_deep_supervision: bool = True):
-        return build_head_network(configuration_manager, num_input_channels, num_output_channels, self.head_name,
-                                  {**self.head_options, **self.distributed_options()})
+    def _build_network_with_own_options(
+        self,
+        plans_manager,
+        configuration_manager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ):
+        return build_head_network(
+            configuration_manager,
+            num_input_channels,
+            num_output_channels,
+            self.head_name,
+            {**self.head_options, **self.distributed_options()},
+        )
 
     def distributed_options(self) -> dict:
         """``ddp=True`` under DDP for a head that takes it (nnU-Net's ``_build_loss`` passes ``ddp=self.is_ddp``):
@@ -120,8 +147,9 @@ class nnUNetTrainerHead(nnUNetTrainer):
             output = self.network(data)
             loss = self.loss(output, target)
         prediction = head_of(self.network).predict(output)
-        tp, fp, fn = class_counts(prediction, target[:, 0].long(), self.label_manager.num_segmentation_heads,
-                                  self.label_manager.ignore_label)
+        tp, fp, fn = class_counts(
+            prediction, target[:, 0].long(), self.label_manager.num_segmentation_heads, self.label_manager.ignore_label
+        )
         # as nnU-Net: foreground classes only
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp[1:], "fp_hard": fp[1:], "fn_hard": fn[1:]}
 
@@ -134,16 +162,18 @@ class nnUNetTrainerHead(nnUNetTrainer):
             raise HeadzooError(f"this checkpoint holds a '{saved['head']}' head, not '{self.head_name}'")
         if "options" in saved and saved["options"] != self.head_options:
             if self.was_initialized:
-                raise HeadzooError(f"the checkpoint's head options {saved['options']} differ from this trainer's "
-                                   f"{self.head_options}")
+                raise HeadzooError(
+                    f"the checkpoint's head options {saved['options']} differ from this trainer's {self.head_options}"
+                )
             self.head_options = saved["options"]
         super().load_checkpoint(filename_or_checkpoint)
         self._record_head()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if save_probabilities:
-            self.print_to_log_file("headzoo: --npz is ignored; a head's K channels are not C probabilities, "
-                                   "only label files are exported")
+            self.print_to_log_file(
+                "headzoo: --npz is ignored; a head's K channels are not C probabilities, only label files are exported"
+            )
         with validation_through_head(self.network, self.head_name, self.head_options):
             super().perform_actual_validation(False)
 
@@ -155,8 +185,11 @@ def trainer_name(head_name: str, suffix: str = "") -> str:
 def make_trainer(head_name: str, suffix: str = "") -> type[nnUNetTrainerHead]:
     """The trainer class ``nnUNetTrainer_<head><suffix>``."""
     name = trainer_name(head_name, suffix)
-    return type(name, (nnUNetTrainerHead,), {"head_name": head_name, "variant": VARIANTS[suffix],
-                                             "__module__": __name__, "__qualname__": name})
+    return type(
+        name,
+        (nnUNetTrainerHead,),
+        {"head_name": head_name, "variant": VARIANTS[suffix], "__module__": __name__, "__qualname__": name},
+    )
 
 
 def trainers_for_registered_heads() -> dict[str, type[nnUNetTrainerHead]]:
@@ -170,6 +203,8 @@ def resolve_trainer(name: str) -> type[nnUNetTrainerHead]:
     if name not in trainers:
         close = difflib.get_close_matches(name, trainers, n=3)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise HeadzooError(f"unknown headzoo trainer '{name}'{hint} (nnUNetTrainer_<head>[_1epoch|_5epochs|_smoke]; "
-                           f"heads: {', '.join(list_heads())}); nnU-Net's own trainers run with nnUNetv2_train")
+        raise HeadzooError(
+            f"unknown headzoo trainer '{name}'{hint} (nnUNetTrainer_<head>[_1epoch|_5epochs|_smoke]; "
+            f"heads: {', '.join(list_heads())}); nnU-Net's own trainers run with nnUNetv2_train"
+        )
     return trainers[name]

@@ -2,6 +2,7 @@
 
 With HEADZOO_DUMMY_HEAD_FAILS set, its loss raises: the sweep's tests use it for an error that only training
 can find (everything a request can get wrong is refused before a cell starts)."""
+
 import os
 
 import torch.nn.functional as F

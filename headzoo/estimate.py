@@ -26,11 +26,11 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker
 
 from headzoo.backbone import SegmentationNetwork, build_network, check_patch, get_backbone
 from headzoo.config import TOY_CLASSES, RunConfig
 from headzoo.errors import HeadzooError
+from headzoo.measure import TotalPeakTracker
 from headzoo.registry import create_head, get_head_class
 
 #: MemTracker's categories → the estimate's
@@ -64,7 +64,7 @@ class Peak:
         return dataclasses.asdict(self)
 
 
-class PeakTracker(MemTracker):
+class PeakTracker(TotalPeakTracker):
     """torch's MemTracker with its whole-run peak only, and the op that reached it and in which phase.
 
     torch's also snapshots every module's memory at each module call and updates every module's peak at every op
@@ -85,18 +85,6 @@ class PeakTracker(MemTracker):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._func = func
         return super().__torch_dispatch__(func, types, args, kwargs)
-
-    def _pre_fw_hook(self, module, inputs) -> None:
-        pass
-
-    def _post_fw_hook(self, module, inputs, outputs) -> None:
-        pass
-
-    def _pre_bw_hook(self, module, args) -> None:
-        pass
-
-    def _post_bw_hook(self, module, args) -> None:
-        pass
 
     def _update_peak_stats(self, peak_state) -> None:
         for device, snapshot in self._curr_mem_snap.items():

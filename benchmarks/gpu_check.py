@@ -296,18 +296,17 @@ def check_triton_vs_torch(context: Context) -> dict:
 
 
 def check_amp_step(context: Context, head: str, options: dict) -> dict:
-    """Three steps through headzoo's TrainStep on CUDA (autocast, GradScaler, clipping at 12), 1×32³ conv features."""
-    from torch import nn
-
-    from headzoo.backbone import SegmentationNetwork
+    """Three steps through headzoo's TrainStep on CUDA (autocast, GradScaler, clipping at 12), the small backbone at
+    32³ with the head attached as `headzoo run` attaches it."""
+    from headzoo.backbone import attach_head, build_backbone, head_of
     from headzoo.config import RunConfig
     from headzoo.measure import optimizer_state_complete
     from headzoo.registry import create_head
     from headzoo.training import TrainStep, build_optimizer
 
     torch.manual_seed(0)
-    network = SegmentationNetwork(nn.Conv3d(1, 32, 3, padding=1), create_head(head, 32, CLASSES, **options))
-    network = network.to(context.device)
+    backbone, features = build_backbone("small", 1, seed=0)
+    network = attach_head(backbone, create_head(head, features, CLASSES, **options)).to(context.device)
     config = RunConfig(head=head, options=options, classes=CLASSES, patch=(32, 32, 32), steps=10, grad_clip=12.0)
     optimizer = build_optimizer(network, config.steps, config.lr)
     network.train()
@@ -330,7 +329,7 @@ def check_amp_step(context: Context, head: str, options: dict) -> dict:
         "loss_last": step.losses[-1],
         "grad_scale": step.scaler.get_scale() if step.scaler else None,
         "optimizer_state_complete": optimizer_state_complete(optimizer),
-        "external_memory_bytes": network.head.external_memory_bytes(),
+        "external_memory_bytes": head_of(network).external_memory_bytes(),
     }
 
 

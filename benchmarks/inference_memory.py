@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from headzoo.errors import HeadzooError
-from headzoo.results import json_lines, rewrite_records, strict_json, write_text_atomically
+from headzoo.results import json_lines, merge_records, strict_json, write_text_atomically
 
 OUT = Path(__file__).resolve().parent.parent / "leaderboard"
 VOLUMES = {"192³ (toy)": (192, 192, 192), "244×234×287 (TotalSegmentator, 1.5 mm)": (244, 234, 287)}
@@ -106,7 +106,8 @@ def run_cell(head: str, classes: int, shape: tuple[int, ...], patch: int, device
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from headzoo.measure import is_out_of_memory, measured
-    from headzoo.nnunet.network import build_head_network, head_of
+    from headzoo.backbone import head_of
+    from headzoo.nnunet.network import build_head_network
     from headzoo.nnunet.predictor import HeadPredictor, export_head_prediction
 
     torch.manual_seed(0)
@@ -226,13 +227,7 @@ def read_records(path: Path) -> list[dict]:
 
 def write(new: list[dict], out: Path) -> None:
     """Merge `new` into out.jsonl (a cell replaces the record with its key) and render out.md."""
-
-    def key(record: dict) -> str:
-        return json.dumps([record[k] for k in KEY])
-
-    replaced = {key(r) for r in new}
-    merged = [r for r in read_records(out.with_suffix(".jsonl")) if key(r) not in replaced] + new
-    rewrite_records(out.with_suffix(".jsonl"), merged)
+    merged = merge_records(out.with_suffix(".jsonl"), new, KEY, read_records)
     write_text_atomically(out.with_suffix(".md"), render(merged))
 
 

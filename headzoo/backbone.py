@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from headzoo.errors import HeadzooError
 from headzoo.head import Head
@@ -120,18 +120,6 @@ def check_patch(name: str, patch: tuple[int, ...], architecture: dict | None = N
         )
 
 
-class SegmentationNetwork(nn.Module):
-    """Backbone features → head output; the backbone's last seg conv is an identity."""
-
-    def __init__(self, backbone: nn.Module, head: Head):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, image: Tensor) -> Tensor:
-        return self.head(self.backbone(image))
-
-
 def segmentation_layers(network: nn.Module) -> nn.ModuleList:
     """The network's 1×1×1 segmentation convs, full resolution last (where the head plugs in)."""
     for path in ("decoder.seg_layers", "seg_outputs"):  # dynamic_network_architectures, STU-Net
@@ -144,11 +132,30 @@ def segmentation_layers(network: nn.Module) -> nn.ModuleList:
     )
 
 
+def attach_head(network: nn.Module, head: Head) -> nn.Module:
+    """`network` with `head` in its full-resolution seg conv's place and the lower-resolution seg convs removed
+    (identities: with deep supervision off no output reads them, and DDP would wait for their gradients). The one
+    way a head joins a network, for `headzoo run`, `headzoo estimate` and nnU-Net's trainer and predictor alike, so
+    checkpoints keep nnU-Net's module names (``decoder.seg_layers.<last>.*``)."""
+    layers = segmentation_layers(network)
+    for stage in range(len(layers) - 1):
+        layers[stage] = nn.Identity()
+    layers[-1] = head
+    return network
+
+
+def head_of(network: nn.Module) -> Head:
+    """The head inside a network built by :func:`attach_head` (through DDP / torch.compile wrappers)."""
+    module = getattr(network, "module", network)
+    module = getattr(module, "_orig_mod", module)
+    return segmentation_layers(module)[-1]
+
+
 def build_network(architecture: dict, in_channels: int, seed: int | None = None) -> tuple[nn.Module, int]:
     """A plan's architecture built by nnU-Net's get_network_from_plans with deep supervision off, its
     full-resolution seg conv (the head's place) an identity: (network, feature count). The same `seed` gives
-    the same weights (None: torch's global generator, as nnU-Net's trainer builds it). The lower-resolution
-    seg convs stay: no loss reaches them, but a run's peak memory has always counted their bytes."""
+    the same weights (None: torch's global generator, as nnU-Net's trainer builds it); :func:`attach_head` puts
+    a head in."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     with torch.random.fork_rng(devices=[], enabled=seed is not None):

@@ -27,7 +27,7 @@ from unittest import mock
 
 import torch
 
-from headzoo.backbone import SegmentationNetwork, build_network, check_patch, get_backbone
+from headzoo.backbone import attach_head, build_network, check_patch, get_backbone, head_of
 from headzoo.config import TOY_CLASSES, RunConfig
 from headzoo.errors import HeadzooError
 from headzoo.measure import TotalPeakTracker
@@ -179,7 +179,7 @@ def fake_world(problem: Problem):
         yield emulation.region if emulation is not None else contextlib.nullcontext
 
 
-def build_fake_network(problem: Problem) -> SegmentationNetwork:
+def build_fake_network(problem: Problem) -> torch.nn.Module:
     """The run's network, as `headzoo run` builds it (backbone table → nnU-Net's get_network_from_plans, head
     from the registry), under the active FakeTensorMode."""
     config = problem.config
@@ -190,7 +190,7 @@ def build_fake_network(problem: Problem) -> SegmentationNetwork:
         )
     backbone, features = build_network(get_backbone(config.backbone)[0], problem.in_channels, config.seed)
     head = create_head(config.head, features, config.classes, **config.options)
-    return SegmentationNetwork(backbone, head)
+    return attach_head(backbone, head)
 
 
 def fake_batch(problem: Problem, batch: int | None = None) -> dict:
@@ -264,7 +264,7 @@ class _FakeRun:
         optimizer = build_optimizer(network, config.steps, config.lr)
         optimizer.train()
         # the state the warm-up steps leave: one optimizer step on zero gradients for the parameters of every module
-        # the forward calls (the backbone's unused deep-supervision convs get no gradient, so no state)
+        # the forward calls (a module the forward never calls gets no gradient, so no state)
         for module in self.called:
             for parameter in module.parameters(recurse=False):
                 parameter.grad = torch.zeros_like(parameter)
@@ -285,7 +285,7 @@ class _FakeRun:
     def loss(self) -> Peak:
         """The head's loss alone, forward and backward, from its output (b, K, *patch) as the step's forward gives
         it (the chunked-basis paper's loss profile, with the head's own loss)."""
-        config, head, region = self.problem.config, self.network.head, self.region
+        config, head, region = self.problem.config, head_of(self.network), self.region
         batch = fake_batch(self.problem)
         with torch.no_grad(), region():
             shape = head(torch.empty(config.batch, head.in_channels, *config.patch))
@@ -308,7 +308,7 @@ class _FakeRun:
 
         def one_patch():
             with torch.no_grad(), region():
-                network.head.predict(self._hooked_forward(image))
+                head_of(network).predict(self._hooked_forward(image))
 
         return track_peak(one_patch, network, image)
 
@@ -326,7 +326,7 @@ class _FakeRun:
                 torch.no_grad(),
                 region(),
             ):
-                network.head.predict(sliding_window_output(network, volume, self.problem.config.patch)[None])
+                head_of(network).predict(sliding_window_output(network, volume, self.problem.config.patch)[None])
 
         return track_peak(whole_volume, network, volume)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import headzoo
-from headzoo.backbone import SegmentationNetwork, check_patch, get_backbone
+from headzoo.backbone import attach_head, check_patch, get_backbone
 from headzoo.config import TOY_CLASSES, RunConfig, new_run_id, to_record
 from headzoo.device import resolve_device
 from headzoo.environment import describe
@@ -169,7 +169,7 @@ def run(config: RunConfig, show_progress: bool = True) -> dict:
             f"the {config.head} head cannot use partially labelled data (annotated classes per "
             "case); use a head that can, e.g. 'sigmoid', or drop --partial"
         )
-    network = SegmentationNetwork(backbone, head).to(device)
+    network = attach_head(backbone, head).to(device)
     try:
         batches = training_batches(prepared, config.patch, config.batch, config.seed)
         record.update(train_and_evaluate(config, network, device, batches, HeldOutSet.of(prepared), show_progress))

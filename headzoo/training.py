@@ -12,8 +12,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
-from headzoo.backbone import SegmentationNetwork
+from headzoo.backbone import head_of
 from headzoo.config import RunConfig
 from headzoo.errors import ContractViolation
 from headzoo.inference import DiceCounter, segment
@@ -38,12 +39,12 @@ BETAS = (BETA1, BETA2)
 MEMORY_STEP_WAIT = 20
 
 
-def build_optimizer(network: SegmentationNetwork, steps: int, lr: float):
+def build_optimizer(network: nn.Module, steps: int, lr: float):
     import schedulefree
 
     """ScheduleFree AdamW over the network: the head's own groups (Head.configure_optimizer, given the shared
     settings), every other parameter with the shared settings."""
-    groups = network.head.configure_optimizer(lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    groups = head_of(network).configure_optimizer(lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
     if groups is None:
         params = [{"params": list(network.parameters())}]
     else:
@@ -62,14 +63,14 @@ class TrainStep:
     optimizer step (where nnU-Net's train_step reads it too): nothing in between waits for the device.
     `headzoo estimate` runs this class on fake tensors, replacing `autocast_region` and `record_loss`."""
 
-    def __init__(self, config: RunConfig, network: SegmentationNetwork, optimizer, device: torch.device):
+    def __init__(self, config: RunConfig, network: nn.Module, optimizer, device: torch.device):
         self.config, self.network, self.optimizer, self.device = config, network, optimizer, device
         self.autocast = config.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast else None
         self.losses: list[float] = []
 
     def __call__(self, batch: dict) -> None:
-        head, config = self.network.head, self.config
+        head, config = head_of(self.network), self.config
         head.check_labels(batch["target"])
         image = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
@@ -109,7 +110,7 @@ class TrainStep:
 
 
 @contextlib.contextmanager
-def averaged_weights(network: SegmentationNetwork, optimizer):
+def averaged_weights(network: nn.Module, optimizer):
     """The network at ScheduleFree's averaged weights x, then back at the training weights y bit for bit.
 
     ScheduleFree's eval()/train() round trip interpolates y → x → y in floating point, which moves some
@@ -129,7 +130,7 @@ def averaged_weights(network: SegmentationNetwork, optimizer):
 
 
 def evaluate(
-    config: RunConfig, network: SegmentationNetwork, optimizer, held_out: HeldOutSet, show_progress: bool, label: str
+    config: RunConfig, network: nn.Module, optimizer, held_out: HeldOutSet, show_progress: bool, label: str
 ) -> DiceCounter:
     """Held-out Dice, as nnU-Net evaluates, of sliding-window predictions at the schedule-free averaged weights,
     exported to each case's original geometry and compared with its raw reference label file."""
@@ -139,7 +140,7 @@ def evaluate(
         for case in held_out.cases:
             prediction = segment(
                 network,
-                network.head,
+                head_of(network),
                 case.image,
                 config.patch,
                 case.properties,
@@ -154,7 +155,7 @@ def evaluate(
 
 def train_and_evaluate(
     config: RunConfig,
-    network: SegmentationNetwork,
+    network: nn.Module,
     device: torch.device,
     batches: Iterator[dict],
     held_out: HeldOutSet,
@@ -188,7 +189,7 @@ def train_and_evaluate(
                 receivers.close()
                 peak = measure_peak_memory(lambda: step(batch), device, network, optimizer)  # the rest timed
                 memory_step = index
-                external_bytes = network.head.external_memory_bytes()
+                external_bytes = head_of(network).external_memory_bytes()
             elif peak is None:
                 step(batch)
             else:
@@ -253,7 +254,7 @@ def train_and_evaluate(
 
 
 def _evaluate_unless_oom(
-    config: RunConfig, network: SegmentationNetwork, optimizer, held_out: HeldOutSet, show_progress: bool, label: str
+    config: RunConfig, network: nn.Module, optimizer, held_out: HeldOutSet, show_progress: bool, label: str
 ) -> tuple[DiceCounter | None, BaseException | None]:
     """`evaluate`, or the out-of-memory error it raised (sliding windows over C channels can need more than a
     training step: dense at C = 1000, 192³ holds a C × volume fp32 buffer)."""

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import headzoo
 from headzoo import cuda_autocast
-from headzoo.backbone import SegmentationNetwork, build_network, get_backbone
+from headzoo.backbone import attach_head, build_network, get_backbone, head_of
 from headzoo.errors import HeadzooError
 from headzoo.estimate import (
     Problem,
@@ -40,10 +40,10 @@ def _problem(name: str, options: dict) -> Problem:
     return problem_from_settings({"head": name, "options": options, "classes": C, "patch": PATCH}, "cpu", VOLUME)
 
 
-def _real_network(problem: Problem) -> SegmentationNetwork:
+def _real_network(problem: Problem) -> torch.nn.Module:
     config = problem.config
     backbone, features = build_network(get_backbone(config.backbone)[0], problem.in_channels, config.seed)
-    return SegmentationNetwork(backbone, headzoo.create_head(config.head, features, C, **config.options))
+    return attach_head(backbone, headzoo.create_head(config.head, features, C, **config.options))
 
 
 def _real_batch(problem: Problem) -> dict:
@@ -78,7 +78,7 @@ def test_estimate_equals_the_real_cpu_peak(variant):
     assert estimate_step(problem).bytes == real
 
     network = _real_network(problem)  # fresh, as the estimate's: no gradients, an empty knn index
-    head, target = network.head, batch["target"]
+    head, target = head_of(network), batch["target"]
     with torch.no_grad():
         output = head(torch.randn(problem.config.batch, head.in_channels, *PATCH))
     output.requires_grad_()
@@ -92,10 +92,10 @@ def test_estimate_equals_the_real_cpu_peak(variant):
 
     def one_patch():
         with torch.no_grad():
-            patch_network.head.predict(patch_network(image))
+            head_of(patch_network).predict(patch_network(image))
 
     def whole_volume():
-        volume_network.head.predict(sliding_window_output(volume_network, volume, PATCH)[None])
+        head_of(volume_network).predict(sliding_window_output(volume_network, volume, PATCH)[None])
 
     compute_gaussian.cache_clear()  # nnU-Net caches it: made inside the measured region, as on a first call
     patch_peak, volume_peak = estimate_inference(problem)

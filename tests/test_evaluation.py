@@ -137,7 +137,7 @@ def test_held_out_dice_on_a_zero_bordered_dataset_equals_nnunets(tmp_path):
     marks the background outside the body -1 in its preprocessed labels. Evaluation exports to the original
     geometry and reads the raw labels, so the Dice is nnU-Net's own on the predictions saved here."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from headzoo.backbone import SegmentationNetwork
+    from headzoo.backbone import attach_head
     from headzoo.inference import segment
     from headzoo.dataset import DATA_CONFIGURATION, build_backbone_from_plan, test_cases
     from headzoo.plan import prepare_folder
@@ -152,7 +152,7 @@ def test_held_out_dice_on_a_zero_bordered_dataset_equals_nnunets(tmp_path):
     assert any(high - low < edge for (low, high), edge in zip(box, cases[0].reference.shape))  # really cropped
     backbone, features = build_backbone_from_plan(prepared, "small", 0)
     head = create_head("dense", features, 4, batch_dice=False, ignore_label=None)
-    network = SegmentationNetwork(backbone, head).eval()
+    network = attach_head(backbone, head).eval()
     counter = DiceCounter(4)
     configuration = prepared.plans_manager.get_configuration(DATA_CONFIGURATION)
     (tmp_path / "pred").mkdir()

@@ -15,7 +15,7 @@ from torch import nn
 
 import headzoo
 from headzoo import training
-from headzoo.backbone import SegmentationNetwork
+from networks import ConvThenHead
 from headzoo.config import RunConfig
 from headzoo.heads import knn
 from headzoo.measure import GradientReceivers, configure_cuda_timing, is_out_of_memory, optimizer_state_complete
@@ -115,7 +115,7 @@ def _train(monkeypatch, skipped_steps=0, evaluate=lambda *args: COUNTER, steps=8
     monkeypatch.setattr(training, "build_optimizer", build_with_skips)
     monkeypatch.setattr(training, "evaluate", evaluate)
     torch.manual_seed(0)
-    network = SegmentationNetwork(nn.Conv3d(1, 4, 1), headzoo.create_head("chunked", 4, 5, rank=2))
+    network = ConvThenHead(nn.Conv3d(1, 4, 1), headzoo.create_head("chunked", 4, 5, rank=2))
     network.unused = nn.Linear(2, 2)  # as nnU-Net's lower seg layers in a run: no gradient, no optimizer state
     config = RunConfig(head="chunked", classes=5, patch=(4, 4, 4), steps=steps, warmup=1, eval_every=eval_every)
     return training.train_and_evaluate(config, network, torch.device("cpu"), _batches(), None, False)

@@ -47,26 +47,25 @@ def test_head_options_from_the_environment_parse_as_json_values(monkeypatch):
 
 
 def test_the_trainers_network_is_the_runs_with_the_head_in_the_seg_layer():
-    """Both come from backbone.build_network: with a run's weights the trainer's network gives the run's output to the
-    bit, and lacks only the lower-resolution seg convs no loss reaches (DDP would wait for their gradients)."""
+    """Both come from backbone.build_network + attach_head: the run's weights load into the trainer's network under
+    nnU-Net's module names (the head at the full-resolution seg layer, no lower-resolution seg convs, which DDP would
+    wait on) and give the run's output to the bit."""
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-    from headzoo.backbone import SegmentationNetwork, build_network, get_backbone
-    from headzoo.nnunet.network import build_head_network, head_of
+    from headzoo.backbone import attach_head, build_network, get_backbone, head_of
+    from headzoo.nnunet.network import build_head_network
 
     architecture = get_backbone("small")[0]
     backbone, features = build_network(architecture, 1, seed=0)
-    run = SegmentationNetwork(backbone, create_head("chunked", features, CLASSES, rank=3)).eval()
+    run = attach_head(backbone, create_head("chunked", features, CLASSES, rank=3)).eval()
     trainer = build_head_network(
         ConfigurationManager({"architecture": architecture}), 1, CLASSES, "chunked", {"rank": 3}
     ).eval()
+    assert trainer.load_state_dict(run.state_dict(), strict=True)
     last = len(architecture["arch_kwargs"]["features_per_stage"]) - 2  # one seg layer per decoder stage
-    weights = {f"decoder.seg_layers.{last}.{k}": v for k, v in run.head.state_dict().items()}
-    weights.update({k: v for k, v in backbone.state_dict().items() if not k.startswith("decoder.seg_layers.")})
-    assert trainer.load_state_dict(weights, strict=True)
-    lower = {k for k in backbone.state_dict() if k.startswith("decoder.seg_layers.")}
-    assert len(lower) == 2 * last  # weight and bias of each lower-resolution seg conv, absent from the trainer's
-    assert isinstance(head_of(trainer), type(run.head)) and features == 16
+    seg = {k for k in run.state_dict() if k.startswith("decoder.seg_layers.")}
+    assert seg == {f"decoder.seg_layers.{last}.{k}" for k in head_of(run).state_dict()} and seg
+    assert isinstance(head_of(trainer), type(head_of(run))) and features == 16
     image = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(trainer(image), run(image))

@@ -114,15 +114,9 @@ class _Broken(headzoo.Head):
 def test_run_time_contract_violations_stop_the_run(channels, loss_value, message):
     from headzoo.training import TrainStep, build_optimizer
 
-    class Network(torch.nn.Module):
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
+    from networks import ConvThenHead
 
-        def forward(self, image):
-            return self.head(image)
-
-    network = Network(_Broken(channels, loss_value))
+    network = ConvThenHead(torch.nn.Identity(), _Broken(channels, loss_value))
     optimizer = build_optimizer(network, 10, 1e-3)
     optimizer.train()  # as the training loop does: the loss is read back after the optimizer step
     step = TrainStep(RunConfig(head="broken"), network, optimizer, torch.device("cpu"))

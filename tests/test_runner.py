@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import headzoo
-from headzoo.backbone import SegmentationNetwork
+from headzoo.backbone import head_of
+from networks import ConvThenHead
 from headzoo.config import RunConfig
 from headzoo.dataset import HeldOutCase, HeldOutSet
 from headzoo.results import validate_row
@@ -111,20 +112,20 @@ def _batches(count: int, annotated: torch.Tensor | None = None) -> list[dict]:
     return batches
 
 
-def _network(head: str = "dense", class_of_channel: list[int] | None = None) -> SegmentationNetwork:
+def _network(head: str = "dense", class_of_channel: list[int] | None = None) -> ConvThenHead:
     """A 1×1×1 conv backbone and `head`; with `class_of_channel`, weights that predict class_of_channel[c] from
     a one-hot channel c (identity backbone, dense head with weight 10 from channel c to that class)."""
     torch.manual_seed(0)
-    network = SegmentationNetwork(
+    network = ConvThenHead(
         nn.Conv3d(C, 8 if class_of_channel is None else C, 1),
         headzoo.create_head(head, 8 if class_of_channel is None else C, C),
     )
     if class_of_channel is not None:
         with torch.no_grad():
-            network.backbone.weight.copy_(torch.eye(C)[..., None, None, None])
-            network.head.conv.weight.copy_(10 * torch.eye(C)[class_of_channel][..., None, None, None])
-            network.backbone.bias.zero_()
-            network.head.conv.bias.zero_()
+            network.conv.weight.copy_(torch.eye(C)[..., None, None, None])
+            head_of(network).conv.weight.copy_(10 * torch.eye(C)[class_of_channel][..., None, None, None])
+            network.conv.bias.zero_()
+            head_of(network).conv.bias.zero_()
     return network
 
 
@@ -171,7 +172,7 @@ def test_the_loop_trains_as_a_plain_loop_and_records_its_measurements():
     optimizer.train()
     losses = []
     for batch in batches:
-        loss = reference.head.loss(reference(batch["data"]), batch["target"])
+        loss = head_of(reference).loss(reference(batch["data"]), batch["target"])
         loss.backward()
         nn.utils.clip_grad_norm_(reference.parameters(), 12)
         optimizer.step()
@@ -192,7 +193,7 @@ def test_the_loop_trains_as_a_plain_loop_and_records_its_measurements():
 def test_each_batch_brings_its_annotated_classes_to_the_loss():
     annotated = torch.tensor([[True, True, False, True], [True, False, True, False]])
     network, seen = _network("sigmoid"), []
-    loss = network.head.loss
-    network.head.loss = lambda output, target, mask: seen.append(mask) or loss(output, target, mask)
+    loss = head_of(network).loss
+    head_of(network).loss = lambda output, target, mask: seen.append(mask) or loss(output, target, mask)
     _train(network, iter(_batches(4, annotated)), _held_out(), head="sigmoid", steps=4, warmup=1)
     assert len(seen) == 4 and all(mask is annotated for mask in seen)

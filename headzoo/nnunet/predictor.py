@@ -24,7 +24,7 @@ from torch import nn
 
 from headzoo.errors import HeadzooError
 from headzoo.head import Head
-from headzoo.nnunet.network import head_of
+from headzoo.backbone import head_of
 from headzoo.registry import create_head
 
 

@@ -29,7 +29,8 @@ from torch import autocast
 from headzoo.config import parse_options
 from headzoo.errors import HeadzooError
 from headzoo.inference import class_counts
-from headzoo.nnunet.network import build_head_network, head_of, head_options
+from headzoo.backbone import head_of
+from headzoo.nnunet.network import build_head_network, head_options
 from headzoo.nnunet.predictor import validation_through_head
 from headzoo.registry import get_head_class, list_heads
 

@@ -14,7 +14,6 @@ headzoo.results; a rerun replaces its rows), rendered to knn_backends.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from headzoo.errors import HeadzooError
 from headzoo.heads.knn import ClassIndex
 from headzoo.measure import measured
-from headzoo.results import json_lines, rewrite_records, write_text_atomically
+from headzoo.results import json_lines, merge_records, write_text_atomically
 
 OUT = Path(__file__).resolve().parent.parent / "leaderboard" / "knn_backends"
 SEARCHES = (("train: k+1 = 8", 8), ("predict: k = 1", 1))
@@ -131,13 +130,7 @@ def render(rows: list[dict]) -> str:
 
 def write(new: list[dict], out: Path) -> None:
     """Merge `new` into out.jsonl (a row replaces the row with its key) and render out.md."""
-
-    def key(row: dict) -> str:
-        return json.dumps([row[k] for k in KEY])
-
-    replaced = {key(r) for r in new}
-    merged = [r for r in read_records(out.with_suffix(".jsonl")) if key(r) not in replaced] + new
-    rewrite_records(out.with_suffix(".jsonl"), merged)
+    merged = merge_records(out.with_suffix(".jsonl"), new, KEY, read_records)
     write_text_atomically(out.with_suffix(".md"), render(merged))
 
 

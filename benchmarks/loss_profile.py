@@ -33,7 +33,7 @@ from headzoo.errors import HeadzooError
 from headzoo.heads.chunked import chunked_dc_and_ce_loss
 from headzoo.heads.dense import build_nnunet_loss
 from headzoo.measure import measured
-from headzoo.results import json_lines, rewrite_records, write_text_atomically
+from headzoo.results import json_lines, merge_records, write_text_atomically
 
 OUT = Path(__file__).resolve().parent.parent / "leaderboard"
 BATCH, RANK = 2, 32
@@ -236,12 +236,9 @@ def write(new: list[dict], out: Path) -> None:
     def key(row: dict) -> tuple:
         return tuple(row.get(k) for k in KEY)
 
-    old = read_records(out)
-    measured_keys = {key(r) for r in old if r["status"] == "ok"}
+    measured_keys = {key(r) for r in read_records(out) if r["status"] == "ok"}
     new = [r for r in new if not (r["status"] == "estimate" and key(r) in measured_keys)]
-    replaced = {key(r) for r in new}
-    merged = [r for r in old if key(r) not in replaced] + new
-    rewrite_records(out, merged)
+    merged = merge_records(out, new, KEY, read_records)
     write_text_atomically(out.with_suffix(".md"), render(pd.DataFrame(merged)))
 
 

@@ -34,6 +34,12 @@ def protocol_settings(head: str, options: dict | None = None) -> dict:
     return {**ACCURACY_PROTOCOL, "lr": protocol_lr(head, options)}
 
 
+def accuracy_settings(head: str, options: dict | None, classes: int) -> dict:
+    """The settings that give `head` a meaningful Dice at `classes`: the protocol's, on LARGE_C's toy at C = 1000."""
+    settings = protocol_settings(head, options)
+    return {**settings, **LARGE_C} if classes == LARGE_C["classes"] else settings
+
+
 def is_protocol_run(record: dict) -> bool:
     """A toy run with the protocol's settings at its head's protocol learning rate, everything else default."""
     config = from_record(record)
@@ -63,9 +69,10 @@ def is_tuning_run(record: dict) -> bool:
 def accuracy_note(record: dict) -> str | None:
     """For a toy run outside the accuracy protocol: what its Dice means, and the command that gives one."""
     config = from_record(record)
-    if config.dataset_folder is not None or is_protocol_run(record):
+    if config.dataset_folder is not None or is_protocol_run(record) or is_large_c_run(record):
         return None
-    protocol = dataclasses.replace(config, **protocol_settings(config.head, config.options), patch=None, run_id=None)
+    settings = accuracy_settings(config.head, config.options, config.classes)
+    protocol = dataclasses.replace(config, **settings, patch=None, run_id=None)
     return (
         f"This run measures cost (peak memory, step time): Dice after {config.steps} steps on the "
         f"'{config.preset}' toy is not a quality measure. For Dice, run the accuracy protocol:\n"

@@ -10,6 +10,7 @@ import re
 import stat
 import tempfile
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -348,6 +349,21 @@ def remove_stale_temporaries(path: Path) -> None:
     under the lock every one is stale)."""
     for stale in _temporaries(path):
         stale.unlink(missing_ok=True)
+
+
+def merge_records(
+    path: Path, new: list[dict], key_fields: Sequence[str], read: Callable[[Path], list[dict]]
+) -> list[dict]:
+    """Merge `new` into the records file `path`, its rows as `read` validates them (a benchmark's own reader): a new
+    row replaces the old row with the same `key_fields` values; written atomically; the merged rows."""
+
+    def key(row: dict) -> str:
+        return json.dumps([row.get(k) for k in key_fields])
+
+    replaced = {key(r) for r in new}
+    merged = [r for r in read(path) if key(r) not in replaced] + new
+    rewrite_records(path, merged)
+    return merged
 
 
 def rewrite_records(path: Path, records: list[dict]) -> None:

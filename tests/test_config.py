@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from headzoo.cli import with_run_settings
 from headzoo.config import RunConfig, from_record, run_settings, to_argv, to_record
-from headzoo.protocol import accuracy_note, protocol_settings
+from headzoo.protocol import LARGE_C, accuracy_note, protocol_settings
 
 
 def _parse(argv: list[str]) -> RunConfig:
@@ -95,6 +95,17 @@ def test_the_key_is_every_setting_that_changes_a_result():
 
 
 def test_a_short_toy_run_points_at_the_accuracy_protocol():
-    note = accuracy_note(to_record(RunConfig(head="chunked", classes=1000)))
-    assert "measures cost" in note and "headzoo run --head chunked --classes 1000 --steps 400 --preset protocol" in note
+    note = accuracy_note(to_record(RunConfig(head="chunked", classes=100)))
+    assert "measures cost" in note and note.endswith(
+        "headzoo run --head chunked --classes 100 --steps 400 --preset protocol --lr 0.02 --eval-every 100"
+    )
     assert accuracy_note(to_record(RunConfig(head="dense", **protocol_settings("dense")))) is None
+
+
+def test_at_c_1000_the_note_points_at_the_large_c_toy():
+    note = accuracy_note(to_record(RunConfig(head="chunked", classes=1000)))
+    assert note.endswith(
+        "run --head chunked --classes 1000 --steps 500 --preset protocol1000 --lr 0.02 --eval-every 100"
+    )
+    large = RunConfig(head="chunked", **{**protocol_settings("chunked"), **LARGE_C})
+    assert accuracy_note(to_record(large)) is None

@@ -17,6 +17,7 @@ def _headzoo(*args):
     return subprocess.run([*HEADZOO, *args], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
 
 
+@pytest.mark.slow  # a CLI subprocess building every backbone
 def test_backbones_lists_stunet_with_the_papers_counts():
     result = _headzoo("backbones")
     assert result.returncode == 0, result.stderr
@@ -25,6 +26,7 @@ def test_backbones_lists_stunet_with_the_papers_counts():
         assert count in line, line
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_unknown_backbone_is_one_line():
     result = _headzoo("backbones", "--only", "stu-xl")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
@@ -32,6 +34,7 @@ def test_unknown_backbone_is_one_line():
     ]
 
 
+@pytest.mark.slow  # a backbone step
 def test_measured_step_and_parameters_without_head():
     summary = summarize("small")
     # ResidualEncoderUNet's decoder has 3 seg convs of 105×16/32/64 + 105 biases; the rest is the backbone

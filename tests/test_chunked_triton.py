@@ -78,11 +78,16 @@ def _assert_close(got, want, dtype):
         assert error <= GRADIENT_TOLERANCE[dtype], f"{name}: {error:.2e}"
 
 
+SLOW = pytest.mark.slow  # the interpreter runs each tile in Python: the larger cases run in the slow suite
 CASES = [  # (b, C, spatial, rank, loss options, block_voxels, block_classes, voxel_splits)
-    (2, 45, (5, 4, 3), 5, dict(batch_dice=True), 16, 16, 3),  # C, S not multiples of the tile; 3 splits
-    (2, 45, (5, 4, 3), 5, dict(batch_dice=False), 16, 16, 2),
+    pytest.param(
+        2, 45, (5, 4, 3), 5, dict(batch_dice=True), 16, 16, 3, marks=SLOW
+    ),  # C, S not tile multiples; 3 splits
+    pytest.param(2, 45, (5, 4, 3), 5, dict(batch_dice=False), 16, 16, 2, marks=SLOW),
     (1, 2, (7, 3, 3), 3, dict(batch_dice=True), 16, 16, 1),  # C = 2
-    (2, 13, (5, 5, 3), 20, dict(batch_dice=False, ignore_label=13), 16, 16, 2),  # rank 20 → tile 32
+    pytest.param(
+        2, 13, (5, 5, 3), 20, dict(batch_dice=False, ignore_label=13), 16, 16, 2, marks=SLOW
+    ),  # rank 20: tile 32
     (
         2,
         9,
@@ -137,6 +142,7 @@ def test_half_precision_within_tolerance(
     _assert_close(fused, _reference(basis, operator, target, **options), dtype)
 
 
+@pytest.mark.slow  # Triton's interpreter, twice
 def test_fixed_launch_is_bitwise_reproducible(kernels):
     """Per-class sums go through a (splits, C) buffer, not atomics: the same launch gives the same bits."""
     basis, operator, target = _problem(2, 45, (5, 4, 3), 5, torch.float32, device=_device(kernels))
@@ -196,6 +202,7 @@ print("ran", head.operator.grad.abs().sum() > 0)
         (None, "kernel=triton runs on CUDA tensors, or on the CPU under Triton's interpreter: set TRITON_INTERPRET=1"),
     ],
 )
+@pytest.mark.slow  # a fresh process importing Triton
 def test_kernel_triton_in_a_fresh_process(interpret, expected):
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     if interpret:

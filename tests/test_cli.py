@@ -69,6 +69,7 @@ def test_bad_input_is_one_line_and_leaves_no_record(tmp_path, capsys, monkeypatc
     assert not out.exists()
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_bad_input_in_a_subprocess_exits_2_with_one_line(tmp_path):
     result = headzoo(*RUN, "--head", "densse", "--classes", "5", "--out", str(tmp_path / "r.jsonl"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "did you mean" in result.stderr

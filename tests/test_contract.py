@@ -88,6 +88,7 @@ def test_each_check_fails_for_its_broken_head(head, check, message):
         check(head)
 
 
+@pytest.mark.slow  # MemTracker over C = 2000
 def test_memory_check_fails_for_a_head_that_materialises_all_logits():
     with pytest.raises(AssertionError, match="over a tenth of what one b×C×S logit tensor adds"):
         contract.check_compact_head_memory(lambda c: MaterialisesAllLogits(c), contract.F, (16, 16, 16))

@@ -56,7 +56,9 @@ def _real_batch(problem: Problem) -> dict:
     }
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize(  # the fast run checks chunked; the slow run every head and variant
+    "variant", [pytest.param(v, id=_id(v), marks=() if v == ("chunked", {}) else pytest.mark.slow) for v in VARIANTS]
+)
 def test_estimate_equals_the_real_cpu_peak(variant):
     """Step (after a warm-up step), loss alone and inference: the fake estimate is the real run's MemTracker peak."""
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
@@ -105,6 +107,7 @@ def test_estimate_equals_the_real_cpu_peak(variant):
 
 
 @pytest.mark.parametrize("name", ["chunked", "knn", "sigmoid"])
+@pytest.mark.slow  # fake and real steps of a backbone per head
 def test_estimate_equals_the_real_cpu_peak_with_an_ignore_label(name):
     """Ignored voxels stay in the loss with weight 0 (fixed shapes), so an ignore label is estimated exactly too."""
     from headzoo.training import TrainStep, build_optimizer
@@ -148,12 +151,14 @@ def test_knn_negatives_drop_the_target_or_the_farthest():
     assert knn_negatives(neighbours, target).tolist() == expected
 
 
+@pytest.mark.slow  # a backbone step on fake tensors
 def test_dense_with_an_ignore_label_is_refused_in_one_line():
     """nnU-Net's DC_and_CE_loss branches on the count of labelled voxels when it has an ignore label."""
     with pytest.raises(HeadzooError, match="the dense head is not fake-safe"):
         estimate_step(_problem("dense", {"ignore_label": C}))
 
 
+@pytest.mark.slow  # a backbone step on fake tensors
 def test_estimate_breaks_the_peak_down_and_names_its_op():
     peak = estimate_step(_problem("chunked", {}))
     assert sum(peak.categories.values()) == peak.bytes
@@ -194,6 +199,7 @@ def test_estimate_refuses_a_triton_kernel_and_a_volume_below_the_patch():
         problem_from_settings({"head": "dense", "classes": C, "patch": PATCH}, "cpu", (8, 16, 16))
 
 
+@pytest.mark.slow  # a backbone step on fake tensors
 def test_cuda_emulation_holds_fp16_copies_for_backward():
     """Under CUDA's autocast a conv saves its fp16 input for backward: the emulated step holds less than fp32."""
     settings = {"head": "chunked", "classes": C, "patch": PATCH}
@@ -315,6 +321,7 @@ def test_shipped_lists_are_the_installed_torchs_autocast_cuda_ops():
     )
 
 
+@pytest.mark.slow  # every autocast op on fake tensors
 def test_each_op_has_its_shipped_policy_in_cuda_autocast_and_in_the_emulation(quiet_fake_tensors):
     """Every op's policy as torch's own AutocastCUDA kernel applies it (fake CUDA tensors without grad work on a
     CPU-only torch) and as the emulation applies it on CPU tensors: both the shipped one."""
@@ -340,6 +347,7 @@ def test_emulation_is_gone_after_the_estimate():
 # --- headzoo advise ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # estimates every head, then a real step
 def test_advise_fits_exactly_at_the_estimated_peak(tmp_path):
     from headzoo.advise import advise
 
@@ -413,6 +421,7 @@ def _command(arguments, capsys, monkeypatch) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow  # a full estimate through the CLI
 def test_estimate_command_prints_json_and_its_table(capsys, monkeypatch):
     small = ["--head", "chunked", "--classes", str(C), "--patch", "16", "--volume", "16x24x20", "--device-kind", "cpu"]
     code, out, _ = _command(["estimate", *small, "--json"], capsys, monkeypatch)
@@ -430,6 +439,7 @@ def test_estimate_command_refuses_bad_input_in_one_line(capsys, monkeypatch):
     assert code == 2 and "cannot read 'lots' as a memory size" in err
 
 
+@pytest.mark.slow  # estimates every head through the CLI
 def test_advise_command_prints_json_per_head(capsys, monkeypatch, tmp_path):
     code, out, _ = _command(
         [

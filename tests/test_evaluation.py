@@ -39,6 +39,7 @@ def _write(folder, name, seg):
     SimpleITKIO().write_seg(seg, str(folder / f"{name}.nii.gz"), properties)
 
 
+@pytest.mark.slow  # nnU-Net preprocessing and export
 def test_dice_equals_nnunet_compute_metrics_on_folder(tmp_path):
     """Specks of classes a case lacks, an ignore label, a class only some cases have: nnU-Net's numbers."""
     rng = np.random.default_rng(0)
@@ -65,6 +66,7 @@ def test_dice_equals_nnunet_compute_metrics_on_folder(tmp_path):
     assert counter.worst_mean(0.1) == pytest.approx(worst, abs=1e-12)
 
 
+@pytest.mark.slow  # nnU-Net's evaluation over saved files
 def test_a_class_no_case_scores_is_left_out_where_nnunet_gives_nan(tmp_path):
     reference = np.zeros((6, 6, 6), np.int64)
     reference[:3] = 1

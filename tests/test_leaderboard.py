@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from headzoo.leaderboard import render
 
 
@@ -23,6 +25,7 @@ def _record(head, classes, status="ok", **values):
     }
 
 
+@pytest.mark.slow  # renders every plot twice
 def test_rendering_is_deterministic_and_shows_oom(tmp_path):
     results = tmp_path / "results.jsonl"
     records = [
@@ -40,6 +43,7 @@ def test_rendering_is_deterministic_and_shows_oom(tmp_path):
     assert "| dense | 0.500 | `oom` |" in readme and "| chunked | 0.400 | 0.100 |" in readme
 
 
+@pytest.mark.slow  # renders the plots
 def test_a_v3_row_without_a_patch_is_migrated_to_its_backbones_default_and_keeps_its_request(tmp_path):
     """A sweep's crash row from before schema 4 (e.g. rank=32 > C−1) reads with the small backbone's 32³ patch,
     its request the settings it was written with (patch null), so it is in its group's table."""
@@ -74,6 +78,7 @@ def test_runs_that_differ_in_steps_or_partial_labels_are_different_rows(tmp_path
     ]
 
 
+@pytest.mark.slow  # renders the plots
 def test_seeds_are_aggregated_and_curves_give_time_to_reach(tmp_path):
     results = tmp_path / "results.jsonl"
 

@@ -193,6 +193,7 @@ def test_bad_settings_are_one_line(tmp_path, capsys, monkeypatch, arguments, mes
     assert exit_info.value.code == 2 and message in stderr and stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # several CLI subprocesses
 def test_a_broken_cache_setting_leaves_help_heads_and_leaderboard_working(tmp_path):
     env = {**os.environ, "HEADZOO_CACHE": "/proc/headzoo-cannot-be-here"}
     command = [sys.executable, "-m", "headzoo"]
@@ -206,6 +207,7 @@ def test_a_broken_cache_setting_leaves_help_heads_and_leaderboard_working(tmp_pa
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "HEADZOO_CACHE" in run.stderr
 
 
+@pytest.mark.slow  # a sweep subprocess
 def test_a_killed_sweep_takes_its_running_cell_with_it(tmp_path):
     marker = tmp_path / "child.pid"
     script = f"from headzoo.sweep import run_cell; run_cell(['sh', '-c', 'echo $$ > {marker}; exec sleep 60'])"
@@ -228,6 +230,7 @@ def test_a_killed_sweep_takes_its_running_cell_with_it(tmp_path):
     pytest.fail(f"the cell (pid {child}) outlived its sweep")
 
 
+@pytest.mark.slow  # measures a process's RSS
 def test_peak_rss_is_the_measured_steps_not_the_whole_processes():
     """Memory the process touched before the step (nnU-Net's planning takes GiBs) is not the step's peak RSS."""
     from headzoo.measure import measure_peak_memory, peak_rss_bytes, reset_peak_rss

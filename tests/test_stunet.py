@@ -104,6 +104,7 @@ def test_parameter_count_matches_the_paper(name):
     assert round(count / 1e6, 2) == FACTS["paper"]["parameters_M"][name]
 
 
+@pytest.mark.slow  # STU-Net forwards in float64
 def test_forward_matches_the_reference():
     """The reference's outputs for a seeded network (default initialisation) on a seeded input, in
     float64 so that no platform's rounding hides a changed layer; small, deep enough for 2 blocks a
@@ -145,7 +146,7 @@ def _available_memory_bytes() -> int:
     "name",
     [
         "stu-s",
-        "stu-b",
+        pytest.param("stu-b", marks=pytest.mark.slow),
         pytest.param("stu-l", marks=pytest.mark.slow),
         pytest.param("stu-h", marks=pytest.mark.slow),
     ],

@@ -38,6 +38,7 @@ def test_resume_skips_ok_cells_and_never_duplicates(tmp_path):
     assert "1 ok, 0 oom, 0 error, 0 skipped" in third.stdout and len(rows(out)) == 6
 
 
+@pytest.mark.slow  # a sweep subprocess
 def test_an_invalid_variant_is_refused_while_planning(tmp_path):
     out = tmp_path / "results.jsonl"
     result = sweep(

@@ -30,7 +30,7 @@ def test_every_class_occurs_in_training(preset, num_classes):
     assert not missing_in_training(preset, num_classes)
 
 
-@pytest.mark.parametrize("preset", ["small", "protocol", "protocol1000"])
+@pytest.mark.parametrize("preset", ["small", "protocol", pytest.param("protocol1000", marks=pytest.mark.slow)])
 def test_cpu_presets_train_every_class_of_every_count_up_to_1000(preset):
     assert [c for c in range(2, 1001) if missing_in_training(preset, c)] == []
 
@@ -103,6 +103,7 @@ def test_class_codes_refuse_more_classes_than_words():
         class_codes(16, 4, np.random.default_rng(0))
 
 
+@pytest.mark.slow  # writes a toy dataset
 def test_code_channels_show_each_objects_class_code(tmp_path, monkeypatch):
     monkeypatch.setitem(PRESETS, "coded", dataclasses.replace(PRESETS["tiny"], code_bits=5))
     folder = write_toy_dataset(tmp_path / "c", 12, "coded", seed=2)

@@ -98,6 +98,7 @@ def test_row17_an_out_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
         read_records(fifo)  # `headzoo leaderboard --results FIFO`
 
 
+@pytest.mark.slow  # renders the plots
 def test_row3_leaderboard_touches_nothing_it_did_not_write(tmp_path):
     from headzoo.leaderboard import render
 

@@ -151,25 +151,30 @@ def head_of(network: nn.Module) -> Head:
     return segmentation_layers(module)[-1]
 
 
+def network_from_plans(architecture: dict, in_channels: int, out_channels: int, allow_init: bool) -> nn.Module:
+    """nnU-Net's get_network_from_plans on an architecture in plans format, deep supervision off."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    return get_network_from_plans(
+        architecture["network_class_name"],
+        architecture["arch_kwargs"],
+        architecture["_kw_requires_import"],
+        in_channels,
+        out_channels,
+        allow_init=allow_init,
+        deep_supervision=False,
+    )
+
+
 def build_network(architecture: dict, in_channels: int, seed: int | None = None) -> tuple[nn.Module, int]:
     """A plan's architecture built by nnU-Net's get_network_from_plans with deep supervision off, its
     full-resolution seg conv (the head's place) an identity: (network, feature count). The same `seed` gives
     the same weights (None: torch's global generator, as nnU-Net's trainer builds it); :func:`attach_head` puts
     a head in."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        network = get_network_from_plans(
-            architecture["network_class_name"],
-            architecture["arch_kwargs"],
-            architecture["_kw_requires_import"],
-            in_channels,
-            1,
-            allow_init=True,
-            deep_supervision=False,
-        )
+        network = network_from_plans(architecture, in_channels, 1, allow_init=True)
     layers = segmentation_layers(network)
     features = layers[-1].in_channels
     layers[-1] = nn.Identity()

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from headzoo.backbone import BACKBONES, build_backbone, downsampling, get_backbone, segmentation_layers
+from headzoo.backbone import (
+    BACKBONES,
+    build_backbone,
+    downsampling,
+    get_backbone,
+    network_from_plans,
+    segmentation_layers,
+)
 from headzoo.measure import PeakMemory, is_out_of_memory, measure_peak_memory, timed
 
 PAPER_CLASSES = 105  # STU-Net's Table 2 counts a 105-class output (TotalSegmentator) and every seg conv
@@ -34,18 +41,8 @@ class BackboneStep:
 
 def _parameter_counts(architecture: dict) -> tuple[int, int]:
     """(without segmentation convs, with PAPER_CLASSES-channel ones), counted on the meta device."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
     with torch.device("meta"):
-        network = get_network_from_plans(
-            architecture["network_class_name"],
-            architecture["arch_kwargs"],
-            architecture["_kw_requires_import"],
-            1,
-            PAPER_CLASSES,
-            allow_init=False,
-            deep_supervision=False,
-        )
+        network = network_from_plans(architecture, 1, PAPER_CLASSES, allow_init=False)
     total = sum(p.numel() for p in network.parameters())
     return total - sum(p.numel() for p in segmentation_layers(network).parameters()), total
 

@@ -101,7 +101,7 @@ def backbones(
     from headzoo.backbone import check_patch
     from headzoo.backbone_report import PAPER_CLASSES, backbone_names, measure_step, smallest_patch, summarize
     from headzoo.config import parse_patch
-    from headzoo.runner import resolve_device
+    from headzoo.device import resolve_device
 
     names = backbone_names(only)
     edges = parse_patch(patch) if patch else None
@@ -167,15 +167,17 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="print the record as JSON"),
 ) -> None:
     """Train one head, evaluate it, print Dice / peak memory / step time and record the run."""
-    from headzoo.budget import apply_memory_limit
     from headzoo.config import RunConfig
+    from headzoo.preflight import validate
+
+    config = RunConfig(**settings)
+    validate(config)  # settings and head options (on the meta device), before the runner is even imported
+    from headzoo.budget import apply_memory_limit
     from headzoo.protocol import accuracy_note
     from headzoo.report import print_record
     from headzoo.results import check_results_file, upsert_record
-    from headzoo.runner import run as run_head, validate
+    from headzoo.runner import run as run_head
 
-    config = RunConfig(**settings)
-    validate(config)  # settings and head options (on the meta device), before any data is made
     check_results_file(out)
     apply_memory_limit(config.memory_limit_bytes, config.device)
     record = run_head(config, show_progress=not as_json)

@@ -30,7 +30,7 @@ import torch
 from headzoo.backbone import attach_head, build_network, check_patch, get_backbone, head_of
 from headzoo.config import TOY_CLASSES, RunConfig
 from headzoo.errors import HeadzooError
-from headzoo.measure import TotalPeakTracker
+from headzoo.memtrack import TotalPeakTracker
 from headzoo.registry import create_head, get_head_class
 
 #: MemTracker's categories → the estimate's

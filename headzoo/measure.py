@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker
 
 
 @dataclass
@@ -75,26 +74,9 @@ def current_rss_bytes() -> int | None:
         return None
 
 
-class TotalPeakTracker(MemTracker):
-    """torch's MemTracker keeping only the total peak: MemTracker's per-module statistics refuse a module called
-    again at the top level (sliding-window prediction calls the network once per window); without them, tensors
-    alive before the block count only when passed as `tracked` (the module hooks also count a module's inputs and
-    parameters when it is first called). `headzoo estimate`'s tracker builds on it."""
+def _total_peak_tracker(repeated_modules: bool):
+    from headzoo.memtrack import MemTracker, TotalPeakTracker  # torch.distributed's tools: seconds to import
 
-    def _pre_fw_hook(self, module, inputs) -> None:
-        pass
-
-    def _post_fw_hook(self, module, inputs, outputs) -> None:
-        pass
-
-    def _pre_bw_hook(self, module, args) -> None:
-        pass
-
-    def _post_bw_hook(self, module, args) -> None:
-        pass
-
-
-def _total_peak_tracker(repeated_modules: bool) -> MemTracker:
     return TotalPeakTracker() if repeated_modules else MemTracker()
 
 

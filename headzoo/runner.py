@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 import headzoo
-from headzoo.backbone import attach_head, check_patch, get_backbone
+from headzoo.backbone import attach_head, check_patch
 from headzoo.config import TOY_CLASSES, RunConfig, new_run_id, to_record
-from headzoo.device import resolve_device
 from headzoo.environment import describe
 from headzoo.errors import HeadzooError
 from headzoo.measure import configure_cuda_timing, is_out_of_memory
@@ -25,11 +24,10 @@ from headzoo.paths import require_cache
 from headzoo.dataset import HeldOutSet, PreparedDataset, build_backbone_from_plan, configuration_name
 from headzoo.loaders import training_batches
 from headzoo.plan import folder_fingerprint, prepare_folder, prepare_toy
-from headzoo.registry import create_head, get_head_class, validate_head_options
+from headzoo.preflight import validate
+from headzoo.registry import create_head
 from headzoo.results import SCHEMA_VERSION
 from headzoo.training import train_and_evaluate
-
-MAX_CLASSES = 2**15  # nnU-Net's preprocessor stores label maps as int16: labels 0..32767
 
 
 def device_name(device: torch.device) -> str:
@@ -49,34 +47,6 @@ def git_sha() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def validate(config: RunConfig) -> torch.device:
-    """Everything that can be checked before any data is made; raises HeadzooError."""
-    if config.classes is not None and config.classes < 2:
-        raise HeadzooError(f"--classes must be at least 2 (background and one class), got {config.classes}")
-    if config.classes is not None and config.classes > MAX_CLASSES:
-        raise HeadzooError(f"--classes {config.classes} is more than the label maps hold (at most {MAX_CLASSES})")
-    for name in ("seed", "warmup"):
-        if getattr(config, name) < 0:
-            raise HeadzooError(f"--{name} must not be negative, got {getattr(config, name)}")
-    if config.partial < 1:
-        raise HeadzooError(f"--partial must be at least 1, got {config.partial}")
-    if config.steps <= config.warmup + 1:
-        raise HeadzooError(f"--steps must exceed the {config.warmup} warm-up steps plus one memory step")
-    if config.batch < 1:
-        raise HeadzooError(f"--batch must be positive, got {config.batch}")
-    if config.eval_every is not None and config.eval_every < 1:  # the record takes none: refuse before training
-        raise HeadzooError(
-            f"--eval-every must be a positive number of steps, got {config.eval_every} "
-            "(leave it out for no learning curve)"
-        )
-    get_head_class(config.head)
-    get_backbone(config.backbone)
-    if config.patch is not None:  # early, against the table; _prepare checks it against the plan
-        check_patch(config.backbone, config.patch)
-    validate_head_options(config)  # the head built on the meta device: bad options fail before any data
-    return resolve_device(config.device)
 
 
 def prepare(config: RunConfig) -> PreparedDataset:

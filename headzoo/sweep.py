@@ -52,7 +52,7 @@ class SweepConfig:
 
 def plan_grid(settings: dict, heads: list[tuple[str, dict]], classes: list[int], seeds: list[int]) -> list[Cell]:
     """One validated cell per head (with options) × class count × seed; bad input fails here, before any cell."""
-    from headzoo.runner import validate
+    from headzoo.preflight import validate
 
     if not heads:
         raise HeadzooError("--heads and --variant name no head")
@@ -88,7 +88,8 @@ def _device_name(config: SweepConfig, cell: Cell) -> str | None:
     """The device the cell will run on, where the sweep can know it (locally); None under submitit."""
     if config.executor != "local":
         return None
-    from headzoo.runner import device_name, resolve_device
+    from headzoo.device import resolve_device
+    from headzoo.runner import device_name
 
     return device_name(resolve_device(cell.config.device))
 

@@ -66,14 +66,29 @@ def test_logits_shape(head):
         assert head.logits(head(features), slice(2, 7)).shape == (B, 5, *SPATIAL)
 
 
-@pytest.mark.slow  # MemTracker over C=2000 in chunks: tens of seconds per head
-def test_compact_heads_never_hold_b_by_c_by_s(variant):
-    name, options = variant
+def _check_compact_head_memory(name: str, options: dict) -> None:
     head = headzoo.create_head(name, F, 2000, **options)
     features, _ = batch(2000)
     if head(features).shape[1] * 10 >= head.num_classes:
         pytest.skip("not a compact head (K ≥ C/10)")
     contract.check_compact_head_memory(lambda c: headzoo.create_head(name, F, c, **options), F, (16, 16, 16))
+
+
+# every variant with the head's own chunk size (seconds); the variants' tiny chunks (hundreds of chunks at
+# C=2000, tens of seconds each) in the slow suite
+WITHOUT_CHUNK = [(name, {k: x for k, x in options.items() if k != "chunk"}) for name, options in VARIANTS]
+DEFAULT_CHUNK_VARIANTS = list({_id(variant): variant for variant in WITHOUT_CHUNK}.values())
+
+
+@pytest.mark.parametrize("name_and_options", DEFAULT_CHUNK_VARIANTS, ids=_id)
+def test_compact_heads_never_hold_b_by_c_by_s(name_and_options):
+    _check_compact_head_memory(*name_and_options)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name_and_options", [v for v in VARIANTS if "chunk" in v[1]], ids=_id)
+def test_compact_heads_never_hold_b_by_c_by_s_in_tiny_chunks(name_and_options):
+    _check_compact_head_memory(*name_and_options)
 
 
 @pytest.mark.parametrize("bad", [-1, C])

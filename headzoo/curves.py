@@ -64,18 +64,30 @@ def _plot(group: pd.DataFrame, classes: int, path: Path, device: str) -> None:
     plt.close(figure)
 
 
+def _curve_classes(group: pd.DataFrame) -> list[int]:
+    return sorted(c for c in group["classes"].unique() if _curves(group[group["classes"] == c]))
+
+
+def curve_images(group: pd.DataFrame, device: str, settings: str, out: Path) -> list[str]:
+    """Markdown image lines (and PNGs under `out`), one plot per C with curves: a line per label."""
+    lines = []
+    for c in _curve_classes(group):
+        image = f"curve-C{c}-{hashlib.sha1(f'{device} · {settings}'.encode()).hexdigest()[:8]}.png"
+        _plot(group, c, out / image, device)
+        lines += [f"![Learning curves C={c}]({image})", ""]
+    return lines
+
+
 def curve_section(group: pd.DataFrame, device: str, settings: str, out: Path) -> list[str]:
     """Markdown (and PNGs under `out`) for the learning curves of one leaderboard group; [] if it has none."""
     if not any(_curves(group)):
         return []
-    classes = sorted(c for c in group["classes"].unique() if _curves(group[group["classes"] == c]))
-    lines = ["#### Learning curves", ""]
-    for c in classes:
-        image = f"curve-C{c}-{hashlib.sha1(f'{device} · {settings}'.encode()).hexdigest()[:8]}.png"
-        _plot(group, c, out / image, device)
-        lines += [f"![Learning curves C={c}]({image})", ""]
-    lines += reach_table(group, classes)
-    return lines
+    return [
+        "#### Learning curves",
+        "",
+        *curve_images(group, device, settings, out),
+        *reach_table(group, _curve_classes(group)),
+    ]
 
 
 def reach_targets(group: pd.DataFrame, classes: list[int]) -> tuple[dict[int, float], dict[int, float]]:

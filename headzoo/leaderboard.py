@@ -119,7 +119,7 @@ def render(results: Path, out: Path) -> Path:
             "[inference_memory.md](inference_memory.md).",
             "",
         ]
-    lines += headline_section(frame, records)
+    lines += headline_section(frame, records, out)
     lines += [
         "## All runs",
         "",

@@ -137,10 +137,18 @@ def test_the_headline_shows_the_protocol_first_with_each_heads_learning_rate_bud
     records += [{**_record("dense", 10, dice=0.3), "steps": 60}]  # not the protocol: under "All runs" only
     large = {**LARGE_C, "eval_every": 250}
     records += [
-        {**protocol_run("chunked", protocol_lr("chunked"), dice, seed=seed), **large, "classes": 1000}
+        {**protocol_run("chunked", protocol_lr("chunked"), dice, seed=seed), **large, "classes": 1000, "curve": curve}
         for seed, dice in ((0, 0.2), (1, 0.4))
+        for curve in [
+            [
+                {"step": 250, "dice_mean": dice / 2, "train_time_s": 9.0},
+                {"step": 500, "dice_mean": dice, "train_time_s": 18.0},
+            ]
+        ]
     ]
     records += [{**protocol_run("dense", 0.01, 0.9), **large, "classes": 1000}]  # not its rate: "All runs" only
+    equal_steps = {**large, "steps": 500}  # the group's shorter runs: a row of their own, first
+    records += [{**protocol_run("chunked", protocol_lr("chunked"), 0.05), **equal_steps, "classes": 1000}]
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     readme = render(results, tmp_path / "board").read_text()
@@ -150,10 +158,11 @@ def test_the_headline_shows_the_protocol_first_with_each_heads_learning_rate_bud
     assert "0.800 [0.700–0.900]†" in all_runs
     assert "C = 10 ·" not in headline and "### cpu (test) · " in all_runs
     c1000 = headline[
-        headline.index("### C = 1000 · cpu (test) · preset protocol1000, 500 steps") : headline.index(
-            "### Learning-rate budget"
-        )
+        headline.index("### C = 1000 · cpu (test) · preset protocol1000") : headline.index("### Learning-rate budget")
     ]
-    assert f"| chunked | {protocol_lr('chunked'):g} | 2 | 0.300 [0.200–0.400] |" in c1000 and "| dense |" not in c1000
+    rate, steps = protocol_lr("chunked"), LARGE_C["steps"]
+    assert f"| chunked · {steps} steps | {rate:g} | 2 | 0.300 [0.200–0.400] |" in c1000 and "| dense" not in c1000
+    assert c1000.index(f"| chunked · 500 steps | {rate:g} | 1 | 0.050 |") < c1000.index(f"| chunked · {steps} steps")
+    assert "![Learning curves C=1000](curve-C1000-" in c1000
     cells = ["**0.900**" if lr == best else "0.500" for lr in LR_GRID]
     assert "| dense | " + " | ".join(cells) + " |" in headline

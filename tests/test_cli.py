@@ -75,6 +75,23 @@ def test_bad_input_in_a_subprocess_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "did you mean" in result.stderr
 
 
+HEAVY = ("headzoo.runner", "nnunetv2", "pandas", "torch.distributed._tools.mem_tracker")
+REPORT_HEAVY = f"import atexit, sys; atexit.register(lambda: print([m for m in {HEAVY!r} if m in sys.modules]))"
+
+
+def test_a_bad_head_option_is_refused_before_the_runner_is_imported(tmp_path):
+    """The refusal imports torch and the heads, not nnU-Net, pandas or the MemTracker (seconds each), and
+    makes no data: `headzoo run --option rank=9 --head chunked --classes 5` fails fast on an empty cache."""
+    argv = ["headzoo", "run", "--option", "rank=9", "--head", "chunked", "--classes", "5"]
+    code = f"{REPORT_HEAVY}; sys.argv = {argv!r}; from headzoo.cli import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HEADZOO_CACHE": str(tmp_path)}
+    )
+    assert result.returncode == 2 and result.stderr == "headzoo: error: rank must be in [1, 5] (at most C), got 9\n"
+    assert result.stdout == "[]\n", f"imported before the refusal: {result.stdout}"
+    assert not any(path.is_file() for path in tmp_path.rglob("*"))
+
+
 def test_unwritable_out_is_refused(tmp_path, capsys, monkeypatch):
     status, stderr = main_in_process(
         [*RUN[3:], "--head", "dense", "--classes", "5", "--out", str(tmp_path / "missing" / "r.jsonl")],

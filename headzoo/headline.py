@@ -69,8 +69,9 @@ def headline_section(frame: pd.DataFrame, records: list[dict], out: Path) -> lis
         lines += [
             f"The C = 1000 group: toy preset {LARGE_C['preset']} (more, smaller objects: about 18 training "
             f"instances per class), the same learning rates; the protocol's budget is {LARGE_C['steps']} steps "
-            "(about an hour of one-thread training for chunked); heads slower per step also ran for the same "
-            "training seconds, and every head for 500 steps. Time to reach here: over every run of the group.",
+            "(about an hour of one-thread training for chunked); a row per head and step count (equal steps, and "
+            "about equal training seconds where a head's step is faster or slower). Time to reach: over every run "
+            "of the group.",
             "",
             *_tables(large, f" · preset {LARGE_C['preset']}"),
         ]
